@@ -1,0 +1,38 @@
+"""Shared fixtures: the reference files in ../shared (CI has them beside the checkout) and small models."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED = Path(os.environ.get("METAPERTURB_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+REFERENCE = SHARED / "reference"
+OFFICIAL_CHECKPOINT = REFERENCE / "official_tin_resnet20_perturb_750.pth"
+OFFICIAL_GOLDEN = REFERENCE / "official_golden.safetensors"
+
+
+@pytest.fixture(scope="session")
+def official_checkpoint() -> Path:
+    if not OFFICIAL_CHECKPOINT.is_file():
+        pytest.skip(f"the authors' checkpoint is not at {OFFICIAL_CHECKPOINT} (set METAPERTURB_SHARED to ../shared)")
+    return OFFICIAL_CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def official_golden() -> Path:
+    if not OFFICIAL_GOLDEN.is_file():
+        pytest.skip(f"the golden outputs are not at {OFFICIAL_GOLDEN} (set METAPERTURB_SHARED to ../shared)")
+    return OFFICIAL_GOLDEN
+
+
+@pytest.fixture
+def perturbation():
+    from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel
+
+    torch.manual_seed(0)
+    return MetaPerturbModel(MetaPerturbConfig(initializer_range=0.1))
