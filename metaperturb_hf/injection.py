@@ -1,0 +1,465 @@
+"""Finding the sites of a classifier and plugging one shared perturbation function into them.
+
+A *site* is a tensor in the forward pass that the perturbation multiplies (DESIGN §3):
+
+- plain networks (conv → norm → activation, MLPs): the input of every activation;
+- residual networks: the tensor right after each block's residual addition (the input of the block's final
+  activation when the block ends with one, as in ResNet; the block's output when it does not, as in ConvNeXt or
+  pre-activation WRNs). Activations inside blocks and in the stem are not sites.
+
+Sites are found from one probe forward pass, so they work with any module tree (the reference networks,
+`transformers` CNNs, torchvision/timm ResNets, MLPs) without knowing its classes. A perturbation is attached with
+forward hooks: the wrapped model's module tree and its state-dict keys stay untouched, and `unwrap()` removes it.
+"""
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .modeling_metaperturb import MetaPerturbModel
+
+# Modules treated as activations. transformers wraps its own (GELUActivation, ...) in `transformers.activations`.
+ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish)
+# A module with one of these children is a residual block (ours, torchvision, timm, transformers ResNet/RegNet/ConvNeXt).
+RESIDUAL_MARKERS = ("shortcut", "downsample", "drop_path")
+# Activations inside gating branches (squeeze-excitation, attention) act on pooled vectors, not on features.
+GATING_MODULE_PATTERN = re.compile(r"SqueezeExcit|SELayer|SEModule|SEBlock|Attention")
+
+SITES_CONFIG_NAME = "perturbation_sites.json"
+SITES_WEIGHTS_NAME = "perturbation_sites.safetensors"
+PERTURBATION_FOLDER = "perturbation"
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where one perturbation is applied: the input or output of the `call_index`-th call of `module_name`."""
+
+    name: str
+    module_name: str
+    position: str  # "input" of an activation or "output" of a block
+    call_index: int
+    channels: int
+    spatial_size: int
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return isinstance(module, ACTIVATION_TYPES) or type(module).__module__ == "transformers.activations"
+
+
+def _residual_blocks(model: nn.Module) -> list[str]:
+    """Innermost modules that carry a residual marker (a stage that holds blocks is not itself a block)."""
+    marked = [
+        name
+        for name, module in model.named_modules()
+        if name and any(isinstance(getattr(module, marker, None), nn.Module) for marker in RESIDUAL_MARKERS)
+    ]
+    return [name for name in marked if not any(other.startswith(name + ".") for other in marked)]
+
+
+def _inside(name: str, ancestor: str) -> bool:
+    return name.startswith(ancestor + ".")
+
+
+@dataclass
+class _Call:
+    module_name: str
+    call_index: int
+    input: torch.Tensor | None
+    output: torch.Tensor | None
+
+
+def _trace_calls(model: nn.Module, example_inputs, module_names: set[str]) -> list[_Call]:
+    """Run one forward pass and record, in order, every call of the named modules."""
+    modules = dict(model.named_modules())
+    calls: list[_Call] = []
+    counts: dict[str, int] = {}
+
+    def recorder(name):
+        def hook(module, args, output):
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            calls.append(_Call(name, counts.get(name, 0), first, output if isinstance(output, torch.Tensor) else None))
+            counts[name] = counts.get(name, 0) + 1
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(recorder(name)) for name in module_names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call_model(model, example_inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _call_model(model: nn.Module, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _site_from_call(name: str, call: _Call, position: str) -> Site | None:
+    tensor = call.input if position == "input" else call.output
+    if tensor is None or tensor.dim() not in (2, 4):
+        return None
+    spatial = tensor.shape[2] if tensor.dim() == 4 else 1
+    return Site(name, call.module_name, position, call.call_index, tensor.shape[1], spatial)
+
+
+def find_sites(model: nn.Module, example_inputs) -> list[Site]:
+    """All sites of `model` by the rules of DESIGN §3, in forward order."""
+    modules = dict(model.named_modules())
+    blocks = _residual_blocks(model)
+    activations = {
+        name
+        for name, module in modules.items()
+        if _is_activation(module)
+        and not any(GATING_MODULE_PATTERN.search(type(modules[a]).__name__) for a in _ancestors(name))
+    }
+    calls = _trace_calls(model, example_inputs, activations | set(blocks))
+    calls_per_module = {}
+    for call in calls:
+        calls_per_module[call.module_name] = calls_per_module.get(call.module_name, 0) + 1
+
+    sites = []
+    if blocks:
+        for index, call in enumerate(calls):
+            if call.module_name not in blocks:
+                continue
+            inner = [c for c in calls[:index] if _inside(c.module_name, call.module_name) and c.output is not None]
+            last = inner[-1] if inner and inner[-1].module_name in activations else None
+            if last is not None and last.output is call.output:
+                site = _site_from_call(call.module_name, last, "input")
+            else:
+                site = _site_from_call(call.module_name, call, "output")
+            sites.append(site)
+    else:
+        for call in calls:
+            name = call.module_name
+            if calls_per_module[name] > 1:
+                name = f"{name}#{call.call_index}"
+            sites.append(_site_from_call(name, call, "input"))
+    return [site for site in sites if site is not None]
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def select_sites(
+    sites: list[Site], select: str = "all", num_sites: int | None = None
+) -> list[Site]:
+    """Keep all sites, the bottom/top `num_sites`, or `num_sites` at each end ("top_bottom")."""
+    if select == "all":
+        return list(sites)
+    if select not in ("bottom", "top", "top_bottom"):
+        raise ValueError(f"select must be 'all', 'bottom', 'top' or 'top_bottom', got {select!r}.")
+    if not num_sites or num_sites < 1:
+        raise ValueError(f"select={select!r} needs num_sites >= 1 (how many sites to keep at each chosen end).")
+    if select == "bottom":
+        return sites[:num_sites]
+    if select == "top":
+        return sites[-num_sites:]
+    keep = set(range(num_sites)) | set(range(len(sites) - num_sites, len(sites)))
+    return [site for index, site in enumerate(sites) if index in keep]
+
+
+def _match_sites(model: nn.Module, example_inputs, candidates: list[Site], sites) -> list[Site]:
+    """Resolve a regex or a list of names against the detected sites, else against module outputs."""
+    if isinstance(sites, str):
+        pattern = re.compile(sites)
+        chosen = [site for site in candidates if pattern.fullmatch(site.name)]
+        if not chosen:
+            names = [name for name, _ in model.named_modules() if name and pattern.fullmatch(name)]
+            chosen = _output_sites(model, example_inputs, names)
+    else:
+        if all(isinstance(site, Site) for site in sites):
+            return list(sites)
+        by_name = {site.name: site for site in candidates}
+        others = [name for name in sites if name not in by_name]
+        outputs = {site.name: site for site in _output_sites(model, example_inputs, others)}
+        chosen = [by_name.get(name) or outputs[name] for name in sites]
+    return chosen
+
+
+def _output_sites(model: nn.Module, example_inputs, names: list[str]) -> list[Site]:
+    """Sites at the outputs of explicitly named modules."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        raise ValueError(
+            f"No site or module named {unknown} in {type(model).__name__}; "
+            "see `find_sites(model, example_inputs)` or `model.named_modules()` for valid names."
+        )
+    calls = _trace_calls(model, example_inputs, set(names))
+    sites = []
+    for call in calls:
+        site = _site_from_call(call.module_name, call, "output")
+        if site is None:
+            raise ValueError(
+                f"Module '{call.module_name}' does not output a (B, C, H, W) or (B, C) tensor and cannot be a site."
+            )
+        if call.call_index == 0:
+            sites.append(site)
+    return sites
+
+
+class SiteStatistics(nn.Module):
+    """Running mean and variance of one site's channel statistics; they belong to the target model."""
+
+    def __init__(self, channels: int, num_stat_filters: int):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(channels, num_stat_filters))
+        self.register_buffer("running_var", torch.ones(channels, num_stat_filters))
+
+
+class _SiteHook:
+    """Perturbs one site; a class rather than a closure so the wrapped model can be pickled and deep-copied."""
+
+    def __init__(self, owner: "PerturbedModel", site: Site, key: str):
+        self.owner, self.site, self.key = owner, site, key
+
+    def matches_call(self) -> bool:
+        counts = self.owner._call_counts
+        index = counts.get(self.site.module_name, 0)
+        counts[self.site.module_name] = index + 1
+        return index == self.site.call_index
+
+    def before(self, module, args):
+        if self.matches_call():
+            return (self.owner._perturb(self.site, self.key, args[0]),) + tuple(args[1:])
+        return None
+
+    def after(self, module, args, output):
+        if self.matches_call():
+            return self.owner._perturb(self.site, self.key, output)
+        return None
+
+
+class _ResetCallCounts:
+    def __init__(self, owner: "PerturbedModel"):
+        self.owner = owner
+
+    def __call__(self, module, args, kwargs=None):
+        self.owner._call_counts.clear()
+
+
+class PerturbedModel(nn.Module):
+    r"""
+    A classifier whose sites are perturbed by one shared `MetaPerturbModel`.
+
+    The forward takes what the wrapped model takes. State-dict keys: `model.*` (unchanged wrapped keys),
+    `perturbation.*` (φ, once) and `site_statistics.<site>.running_{mean,var}`.
+
+    Noise modes in evaluation: `"sample"` draws fresh noise as the authors' code does (average several passes with
+    `predict_proba`); `"mean"` is a deterministic single pass that replaces the noise z by its expectation
+    E_ε[softplus(μ + ε)] (8-node Gauss–Hermite), i.e. the mean multiplicative perturbation, not the average of the
+    softmax over samples.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        perturbation: MetaPerturbModel,
+        sites: list[Site],
+        channel_norm: float,
+        spatial_norm: float,
+    ):
+        super().__init__()
+        self.model = model
+        self.perturbation = perturbation
+        self.sites = list(sites)
+        self.channel_norm = float(channel_norm)
+        self.spatial_norm = float(spatial_norm)
+        self.noise_coeff = 1.0
+        self.noise_mode = "sample"
+        self._call_counts: dict[str, int] = {}
+        self.site_keys = _unique_keys([site.name for site in self.sites])
+        num_filters = perturbation.config.num_stat_filters
+        self.site_statistics = nn.ModuleDict(
+            {key: SiteStatistics(site.channels, num_filters) for key, site in zip(self.site_keys, self.sites)}
+        )
+        self._handles = [model.register_forward_pre_hook(_ResetCallCounts(self))]
+        modules = dict(model.named_modules())
+        for key, site in zip(self.site_keys, self.sites):
+            hook = _SiteHook(self, site, key)
+            module = modules[site.module_name]
+            if site.position == "input":
+                self._handles.append(module.register_forward_pre_hook(hook.before))
+            else:
+                self._handles.append(module.register_forward_hook(hook.after))
+
+    def forward(self, *args, **kwargs):
+        if not self._handles:
+            raise RuntimeError("This PerturbedModel was unwrapped; use the model that unwrap() returned.")
+        return self.model(*args, **kwargs)
+
+    def _perturb(self, site: Site, key: str, hidden_states: torch.Tensor) -> torch.Tensor:
+        stats = self.site_statistics[key]
+        phi = self.perturbation
+        try:
+            return phi(
+                hidden_states,
+                stats.running_mean,
+                stats.running_var,
+                self.channel_norm,
+                self.spatial_norm,
+                noise_coeff=self.noise_coeff,
+                clip_value=phi.config.clip_value if phi.training else None,
+                expected_noise=self.noise_mode == "mean" and not phi.training,
+            )
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"At perturbation site '{site.name}' ({site.channels} channels): {error}") from error
+
+    def set_noise_coeff(self, noise_coeff: float) -> None:
+        """Set κ: 0 switches the perturbation off, 1 applies it fully (annealed from 0 to 1 in transfer)."""
+        if not 0.0 <= float(noise_coeff) <= 1.0:
+            raise ValueError(f"noise_coeff must lie in [0, 1], got {noise_coeff}.")
+        self.noise_coeff = float(noise_coeff)
+
+    def set_noise_mode(self, mode: str) -> None:
+        """Evaluation noise: "sample" (as the authors) or "mean" (deterministic single pass)."""
+        if mode not in ("sample", "mean"):
+            raise ValueError(f"noise mode must be 'sample' or 'mean', got {mode!r}.")
+        self.noise_mode = mode
+
+    @torch.no_grad()
+    def predict_proba(self, *args, num_samples: int = 1, **kwargs) -> torch.Tensor:
+        """Softmax averaged over `num_samples` noise draws (one pass in "mean" mode)."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+        passes = 1 if self.noise_mode == "mean" and not self.perturbation.training else num_samples
+        total = 0.0
+        for _ in range(passes):
+            output = self(*args, **kwargs)
+            logits = output.logits if hasattr(output, "logits") else output
+            total = total + logits.softmax(dim=-1)
+        return total / passes
+
+    def unwrap(self) -> nn.Module:
+        """Remove the perturbation and return the original model (same keys, same outputs)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.model
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Save φ, the site layout and statistics, and (for `transformers` models) the classifier itself."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not hasattr(self.model, "save_pretrained"):
+            raise TypeError(
+                f"{type(self.model).__name__} has no save_pretrained; save `perturbed.state_dict()` instead and "
+                "rebuild with add_perturbation before load_state_dict."
+            )
+        self.model.save_pretrained(directory)
+        self.perturbation.save_pretrained(directory / PERTURBATION_FOLDER)
+        layout = {
+            "sites": [asdict(site) for site in self.sites],
+            "channel_norm": self.channel_norm,
+            "spatial_norm": self.spatial_norm,
+        }
+        (directory / SITES_CONFIG_NAME).write_text(json.dumps(layout, indent=2))
+        save_file({name: tensor.contiguous() for name, tensor in self.site_statistics.state_dict().items()},
+                  directory / SITES_WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, model: nn.Module | None = None) -> "PerturbedModel":
+        """Load what `save_pretrained` wrote; the classifier through `AutoModelForImageClassification` by default."""
+        directory = Path(directory)
+        layout_file = directory / SITES_CONFIG_NAME
+        if not layout_file.is_file():
+            raise FileNotFoundError(f"{layout_file} not found: {directory} was not written by PerturbedModel.save_pretrained.")
+        if model is None:
+            from transformers import AutoModelForImageClassification
+
+            model = AutoModelForImageClassification.from_pretrained(directory)
+        perturbation = MetaPerturbModel.from_pretrained(directory / PERTURBATION_FOLDER)
+        layout = json.loads(layout_file.read_text())
+        sites = [Site(**site) for site in layout["sites"]]
+        perturbed = cls(model, perturbation, sites, layout["channel_norm"], layout["spatial_norm"])
+        perturbed.site_statistics.load_state_dict(load_file(directory / SITES_WEIGHTS_NAME))
+        return perturbed
+
+
+def _unique_keys(names: list[str]) -> list[str]:
+    """ModuleDict keys cannot hold dots: 'layer1.0' -> 'layer1_0', made unique if two names collide."""
+    keys = []
+    for name in names:
+        key = re.sub(r"[^0-9A-Za-z_]", "_", name)
+        while key in keys:
+            key += "_"
+        keys.append(key)
+    return keys
+
+
+def default_example_inputs(model: nn.Module, input_size: Sequence[int] | None = None) -> torch.Tensor:
+    """A batch of two random images for the probe pass; channels from a transformers config when there is one."""
+    if input_size is None:
+        channels = getattr(getattr(model, "config", None), "num_channels", 3)
+        input_size = (channels, 32, 32)
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else "cpu"
+    return torch.randn(2, *input_size, device=device)
+
+
+def add_perturbation(
+    model: nn.Module,
+    perturbation: MetaPerturbModel,
+    sites="auto",
+    select: str = "all",
+    num_sites: int | None = None,
+    example_inputs=None,
+    input_size: Sequence[int] | None = None,
+    channel_norm: float | None = None,
+    spatial_norm: float | None = None,
+    trainable: bool = False,
+) -> PerturbedModel:
+    r"""
+    Plug `perturbation` into `model` and return the wrapped model.
+
+    Args:
+        model: any classifier (reference network, `transformers` CNN, torchvision/timm ResNet, MLP).
+        perturbation: the shared φ. It is frozen unless `trainable=True` (meta-training).
+        sites: `"auto"` (DESIGN §3 rules), a regex matched in full against site names (or, if none matches, module
+            names, whose outputs are then perturbed), a list of site or module names, or a list of `Site`s.
+        select: among the chosen sites keep `"all"`, the `"bottom"`/`"top"` `num_sites`, or `"top_bottom"`.
+        example_inputs: what to call the model with for the probe pass (a tensor, or a dict of keyword inputs);
+            defaults to a random batch of `input_size` (C, H, W), 3×32×32 unless the model's config says otherwise.
+        channel_norm, spatial_norm: C_norm and H_norm; by default the largest channel count and spatial size among
+            the chosen sites.
+    """
+    if not isinstance(perturbation, nn.Module) or getattr(getattr(perturbation, "config", None), "model_type", None) != "metaperturb":
+        raise TypeError(f"perturbation must be a MetaPerturbModel, got {type(perturbation).__name__}.")
+    if any(isinstance(hook, _ResetCallCounts) for hook in model._forward_pre_hooks.values()):
+        raise ValueError(f"This {type(model).__name__} is already perturbed; call unwrap() on its PerturbedModel first.")
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model, input_size)
+    if isinstance(sites, str) and sites == "auto":
+        chosen = find_sites(model, example_inputs)
+        if not chosen:
+            raise ValueError(
+                f"No perturbation site found in {type(model).__name__}: it has no activation modules (nn.ReLU, ...) "
+                "and no residual blocks. Pass sites=[...] with the names of modules whose outputs to perturb."
+            )
+    else:
+        chosen = _match_sites(model, example_inputs, find_sites(model, example_inputs), sites)
+        if not chosen:
+            raise ValueError(f"sites={sites!r} matched no site or module of {type(model).__name__}.")
+    chosen = select_sites(chosen, select, num_sites)
+    perturbation.requires_grad_(trainable)
+    return PerturbedModel(
+        model,
+        perturbation,
+        chosen,
+        channel_norm if channel_norm is not None else max(site.channels for site in chosen),
+        spatial_norm if spatial_norm is not None else max(site.spatial_size for site in chosen),
+    )
