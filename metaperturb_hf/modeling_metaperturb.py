@@ -51,6 +51,8 @@ class MetaPerturbModel(PreTrainedModel):
         self.mean_kernels = nn.Parameter(torch.empty(2, 1, k, k))
         self.stat_kernels = nn.Parameter(torch.empty(config.num_stat_filters, 1, k, k))
         self.scale_weight = nn.Parameter(torch.empty(2 * config.num_stat_filters + 2))
+        # Set to a list to collect (mean s, mean z) of every call, e.g. for logging during meta-training.
+        self.monitor: list | None = None
         self.post_init()
 
     def _init_weights(self, module):
@@ -109,6 +111,8 @@ class MetaPerturbModel(PreTrainedModel):
         descriptors = h.new_tensor([channels / channel_norm, height / spatial_norm]).expand(channels, 2)
         scale = torch.sigmoid(torch.cat([mean, var, descriptors], dim=1) @ self.scale_weight)
 
+        if self.monitor is not None:
+            self.monitor.append((scale.detach().mean(), noise_sample.detach().mean()))
         multiplier = (scale[None, :, None, None] * noise_sample - 1.0) * noise_coeff + 1.0
         output = h * multiplier
         if clip_value is not None:

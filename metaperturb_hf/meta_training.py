@@ -1,0 +1,408 @@
+"""Meta-training φ over class-disjoint tasks with accelerate (DESIGN §4).
+
+Every task trains its own classifier (private to the process that holds it, never synchronised); φ is shared. One
+step: for each task, a θ step on a batch of its training half with the perturbation active, then the gradient of
+the loss on a batch of its validation half with respect to φ, BatchNorm in evaluation mode (first order, or through
+a one-step lookahead). The φ-gradients are averaged over all tasks of all processes (one flat all-reduce of 82
+numbers) and φ takes one Adam step, so φ is identical everywhere after every step.
+
+Randomness (classifier init, batches, augmentation, noise) is drawn per task from generators seeded by the task id,
+so a run depends on its seed and task set, not on how many processes share the tasks.
+"""
+
+import json
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object, is_tensorboard_available
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from . import checkpointing
+from .architectures import create_model, list_models
+from .configuration_metaperturb import MetaPerturbConfig
+from .data import BatchSampler
+from .injection import add_perturbation
+from .modeling_metaperturb import MetaPerturbModel
+from .tasks import Task
+from .tracking import JsonlTracker
+
+META_TRAINING_FILE = "meta_training.json"
+
+
+@dataclass
+class MetaTrainingConfig:
+    """Hyper-parameters of meta-training; the defaults are the authors' (DESIGN §4)."""
+
+    architectures: list[str] = field(default_factory=lambda: ["resnet20"])
+    steps: int = 750
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    weight_decay: float = 5e-4
+    image_size: int = 32
+    seed: int = 0
+    lookahead: bool = False
+    lookahead_step_size: float = 0.1
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    output_dir: str = "metaperturb-output"
+    mixed_precision: str = "no"
+    source: str = ""
+
+    def __post_init__(self):
+        if isinstance(self.architectures, str):
+            self.architectures = [name.strip() for name in self.architectures.split(",") if name.strip()]
+        unknown = [name for name in self.architectures if name not in list_models()]
+        if not self.architectures or unknown:
+            raise ValueError(f"Unknown architecture(s) {unknown or self.architectures}; choose from {list_models()}.")
+        for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0 disables), got {self.checkpoint_every}.")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(
+                f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r} (fp16 would need loss scaling "
+                "of the 82 φ-gradients; use bf16)."
+            )
+
+
+def _task_seed(seed: int, task_id: int, stream: int) -> int:
+    """Independent seeds per (run, task, use), the same whichever process holds the task."""
+    return (seed * 1_000_003 + task_id * 101 + stream) % (2**63)
+
+
+def _set_batchnorm_eval(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def create_accelerator(config: MetaTrainingConfig) -> Accelerator:
+    """An Accelerator logging to a JSONL file always and to TensorBoard when it is installed."""
+    trackers = [JsonlTracker("logs", config.output_dir)] + (["tensorboard"] if is_tensorboard_available() else [])
+    return Accelerator(mixed_precision=config.mixed_precision, log_with=trackers, project_dir=config.output_dir)
+
+
+class TaskLearner:
+    """One task's perturbed classifier, its optimizer, its batch samplers and its own random stream."""
+
+    def __init__(self, task: Task, architecture: str, phi: MetaPerturbModel, config: MetaTrainingConfig, device):
+        self.task, self.architecture, self.device = task, architecture, torch.device(device)
+        size = config.image_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_task_seed(config.seed, task.task_id, 0))
+            classifier = create_model(architecture, len(task.classes), image_size=size)
+            self.model = add_perturbation(classifier, phi, trainable=True, input_size=(3, size, size))
+        self.model.to(self.device)
+        self.classifier = classifier
+        self.parameters = [p for p in classifier.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.train_batches = BatchSampler(task.train.to(self.device), seed=_task_seed(config.seed, task.task_id, 1))
+        self.valid_batches = BatchSampler(task.valid.to(self.device), seed=_task_seed(config.seed, task.task_id, 2))
+        self.noise_generator = torch.Generator(self.device).manual_seed(_task_seed(config.seed, task.task_id, 3))
+
+    @contextmanager
+    def own_randomness(self):
+        """Make the global generator of the device this task's own while its passes run (noise, dropout)."""
+        is_cuda = self.device.type == "cuda"
+        outer = torch.cuda.get_rng_state(self.device) if is_cuda else torch.get_rng_state()
+        (torch.cuda.set_rng_state if is_cuda else torch.set_rng_state)(self.noise_generator.get_state())
+        try:
+            yield
+        finally:
+            self.noise_generator.set_state(torch.cuda.get_rng_state(self.device) if is_cuda else torch.get_rng_state())
+            (torch.cuda.set_rng_state if is_cuda else torch.set_rng_state)(outer)
+
+    def state_dict(self) -> dict:
+        model_state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("perturbation.")}
+        return {
+            "model": model_state,
+            "optimizer": self.optimizer.state_dict(),
+            "train_batches": self.train_batches.state_dict(),
+            "valid_batches": self.valid_batches.state_dict(),
+            "noise_generator": self.noise_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        if unexpected or any(not key.startswith("perturbation.") for key in missing):
+            raise ValueError(f"Task {self.task.task_id}: checkpoint does not match its classifier ({missing=}, {unexpected=}).")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_batches.load_state_dict(state["train_batches"])
+        self.valid_batches.load_state_dict(state["valid_batches"])
+        self.noise_generator.set_state(state["noise_generator"])
+
+
+class MetaTrainer:
+    r"""
+    Meta-trains one φ over `tasks` on however many processes `accelerate` launched.
+
+    ```python
+    tasks = load_tasks("path/to/parquet", num_groups=5)
+    trainer = MetaTrainer(MetaTrainingConfig(architectures=["resnet20"], steps=750), tasks)
+    phi = trainer.train()   # also written to output_dir with save_pretrained, beside meta_training.json
+    ```
+    """
+
+    def __init__(
+        self,
+        config: MetaTrainingConfig,
+        tasks: list[Task],
+        accelerator: Accelerator | None = None,
+        phi_config: MetaPerturbConfig | None = None,
+    ):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = accelerator or create_accelerator(config)
+        world = self.accelerator.num_processes
+        if len(tasks) < world:
+            raise ValueError(f"{len(tasks)} tasks cannot be spread over {world} processes; use more groups or fewer processes.")
+        self._check_batch_fits(tasks)
+        self.num_tasks = len(tasks)
+        self.tasks = tasks
+
+        torch.manual_seed(config.seed)  # the same φ initialisation on every process
+        self.phi = MetaPerturbModel(phi_config or MetaPerturbConfig()).to(self.accelerator.device)
+        self.phi_parameters = list(self.phi.parameters())
+        self.phi_optimizer = torch.optim.Adam(self.phi_parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        local_tasks = tasks[self.accelerator.process_index :: world]
+        self.learners = [
+            TaskLearner(task, config.architectures[task.task_id % len(config.architectures)], self.phi, config,
+                        self.accelerator.device)
+            for task in local_tasks
+        ]
+        self.step = 0
+        self.interrupted = False
+        self._stop_requested = False
+        self._last_metrics: dict = {}
+
+    def _check_batch_fits(self, tasks: list[Task]) -> None:
+        for task in tasks:
+            smallest = min(len(task.train), len(task.valid))
+            if smallest < self.config.batch_size:
+                raise ValueError(
+                    f"Task {task.task_id} has only {smallest} images in a half, fewer than batch_size="
+                    f"{self.config.batch_size}; use fewer groups or a smaller batch size."
+                )
+
+    # ----------------------------------------------------------------------------------------------------- the step
+    def _autocast(self):
+        return self.accelerator.autocast() if self.config.mixed_precision != "no" else nullcontext()
+
+    def _task_step(self, learner: TaskLearner) -> tuple[list[torch.Tensor], dict]:
+        """θ step on the training half, then the φ-gradient on the validation half."""
+        model, size = learner.model, self.config.batch_size
+        self.phi.monitor = []
+        with learner.own_randomness():
+            model.train()
+            images, labels = learner.train_batches.next_batch(size)
+            with self._autocast():
+                train_logits = model(images)
+                train_loss = F.cross_entropy(train_logits.float(), labels)
+            valid_images, valid_labels = learner.valid_batches.next_batch(size)
+            if self.config.lookahead:
+                valid_logits, theta_grads = self._lookahead_valid_logits(learner, train_loss, valid_images)
+            else:
+                learner.optimizer.zero_grad(set_to_none=True)
+                train_loss.backward(inputs=learner.parameters)
+                learner.optimizer.step()
+                _set_batchnorm_eval(learner.classifier)
+                with self._autocast():
+                    valid_logits = model(valid_images)
+            valid_loss = F.cross_entropy(valid_logits.float(), valid_labels)
+            phi_grads = torch.autograd.grad(valid_loss, self.phi_parameters)
+            if self.config.lookahead:  # θ moves only once φ's gradient no longer needs it
+                for parameter, grad in zip(learner.parameters, theta_grads):
+                    parameter.grad = grad.detach()
+                learner.optimizer.step()
+            model.train()
+        scale, noise = (torch.stack(values).float().mean() for values in zip(*self.phi.monitor))
+        self.phi.monitor = None
+        metrics = {
+            "train_loss": train_loss.detach(),
+            "train_accuracy": (train_logits.argmax(-1) == labels).float().mean(),
+            "valid_loss": valid_loss.detach(),
+            "valid_accuracy": (valid_logits.argmax(-1) == valid_labels).float().mean(),
+            "mean_s": scale,
+            "mean_z": noise,
+        }
+        return phi_grads, metrics
+
+    def _lookahead_valid_logits(self, learner: TaskLearner, train_loss, valid_images):
+        """Validation logits at θ' = θ − α∇θ L_train, differentiable in φ through θ' (Ren et al., 2018),
+        and the θ-gradients for the θ step that follows."""
+        names = [name for name, p in learner.classifier.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(train_loss, learner.parameters, create_graph=True)
+        alpha = self.config.lookahead_step_size
+        fast = {name: p - alpha * g for name, p, g in zip(names, learner.parameters, grads)}
+        _set_batchnorm_eval(learner.classifier)
+        with self._autocast():
+            valid_logits = functional_call(learner.classifier, fast, (valid_images,))
+        return valid_logits, grads
+
+    def _meta_step(self) -> dict:
+        summed = [torch.zeros_like(p) for p in self.phi_parameters]
+        metrics = {}
+        for learner in self.learners:
+            grads, metrics[learner.task.task_id] = self._task_step(learner)
+            for total, grad in zip(summed, grads):
+                total += grad
+        # One all-reduce carries the φ-gradients and whether any process was asked to stop.
+        flat = torch.cat([g.flatten() for g in summed] + [summed[0].new_tensor([float(self._stop_requested)])])
+        if self.accelerator.num_processes > 1:
+            flat = self.accelerator.reduce(flat, reduction="sum")
+        mean_grad = flat[:-1] / self.num_tasks
+        if not torch.isfinite(mean_grad).all():
+            raise FloatingPointError(
+                f"The φ-gradient became NaN/Inf at step {self.step + 1}; the last checkpoint in {self.output_dir} "
+                "is intact. Lower the learning rate or use mixed_precision='no'."
+            )
+        offset = 0
+        for parameter in self.phi_parameters:
+            parameter.grad = mean_grad[offset : offset + parameter.numel()].view_as(parameter).clone()
+            offset += parameter.numel()
+        self.phi_optimizer.step()
+        self._stop_requested = bool(flat[-1] > 0)
+        metrics["phi_grad_norm"] = mean_grad.norm()
+        return metrics
+
+    # ----------------------------------------------------------------------------------------------- the loop
+    def train(self) -> MetaPerturbModel:
+        """Run until `steps` (or Ctrl-C, which checkpoints and returns with `interrupted` set); return φ."""
+        accelerator, config = self.accelerator, self.config
+        accelerator.init_trackers("meta_training", config=self._run_description())
+        accelerator.print(
+            f"Meta-training φ on {self.num_tasks} tasks over {accelerator.num_processes} process(es) "
+            f"({accelerator.distributed_type}, {accelerator.device}); architectures {config.architectures}."
+        )
+        started = time.time()
+        previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        progress = tqdm(total=config.steps, initial=self.step, disable=not accelerator.is_main_process, desc="meta-training")
+        try:
+            while self.step < config.steps and not self.interrupted:
+                metrics = self._meta_step()
+                self.step += 1
+                progress.update(1)
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    self._log(metrics, progress)
+                if self._stop_requested:
+                    self.interrupted = True
+                if self.interrupted or (config.checkpoint_every and self.step % config.checkpoint_every == 0):
+                    self.save_checkpoint()
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+            progress.close()
+        if self.interrupted:
+            accelerator.print(f"Interrupted: checkpoint written at step {self.step}; rerun with --resume to continue.")
+        else:
+            self._save_final(time.time() - started)
+        accelerator.end_training()
+        return self.phi
+
+    def _request_stop(self, signum, frame):
+        if self._stop_requested:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+
+    def _log(self, metrics: dict, progress) -> None:
+        local = {task_id: {k: float(v) for k, v in values.items()} for task_id, values in metrics.items() if task_id != "phi_grad_norm"}
+        per_task = {}
+        for part in gather_object([local]) if self.accelerator.num_processes > 1 else [local]:
+            per_task.update(part)
+        summary = {name: sum(m[name] for m in per_task.values()) / len(per_task) for name in next(iter(per_task.values()))}
+        summary["phi_grad_norm"] = float(metrics["phi_grad_norm"])
+        values = dict(summary)
+        for task_id, task_metrics in sorted(per_task.items()):
+            values.update({f"task{task_id}/{name}": value for name, value in task_metrics.items()})
+        self.accelerator.log(values, step=self.step)
+        self._last_metrics = summary
+        progress.set_postfix(valid_loss=f"{summary['valid_loss']:.3f}", valid_acc=f"{summary['valid_accuracy']:.3f}")
+
+    # --------------------------------------------------------------------------------------------- saving
+    def save_checkpoint(self) -> Path:
+        """Every process writes its tasks, the main process φ; the folder appears only when complete."""
+        accelerator, root = self.accelerator, self.output_dir / "checkpoints"
+        staging = checkpointing.staging_path(root, self.step)
+        if accelerator.is_main_process:
+            staging.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        for learner in self.learners:
+            checkpointing.save_file_atomically(learner.state_dict(), staging / f"task-{learner.task.task_id}.pt")
+        if accelerator.is_main_process:
+            self.phi.save_pretrained(staging / "perturbation")
+            checkpointing.save_file_atomically(
+                {"phi_optimizer": self.phi_optimizer.state_dict(), "step": self.step, "num_tasks": self.num_tasks},
+                staging / "trainer_state.pt",
+            )
+        accelerator.wait_for_everyone()
+        path = checkpointing.checkpoint_path(root, self.step)
+        if accelerator.is_main_process:
+            checkpointing.publish(root, self.step, keep=self.config.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return path
+
+    def resume(self, checkpoint: str | Path | None = None) -> int:
+        """Restore φ, its optimizer and every local task from `checkpoint` (default: the latest); return the step."""
+        checkpoint = Path(checkpoint) if checkpoint else checkpointing.latest_checkpoint(self.output_dir / "checkpoints")
+        if checkpoint is None:
+            self.accelerator.print(f"No checkpoint under {self.output_dir / 'checkpoints'}; starting from step 0.")
+            return 0
+        state = checkpointing.load_trusted(checkpoint / "trainer_state.pt")
+        if state["num_tasks"] != self.num_tasks:
+            raise ValueError(f"{checkpoint} was written for {state['num_tasks']} tasks, this run has {self.num_tasks}.")
+        saved_phi = MetaPerturbModel.from_pretrained(checkpoint / "perturbation")
+        with torch.no_grad():
+            for parameter, saved in zip(self.phi_parameters, saved_phi.parameters()):
+                parameter.copy_(saved)
+        self.phi_optimizer.load_state_dict(state["phi_optimizer"])
+        for learner in self.learners:
+            learner.load_state_dict(checkpointing.load_trusted(checkpoint / f"task-{learner.task.task_id}.pt"))
+        self.step = int(state["step"])
+        self.accelerator.print(f"Resumed from {checkpoint} at step {self.step}.")
+        return self.step
+
+    def _run_description(self) -> dict:
+        return {
+            **asdict(self.config),
+            "architectures": ",".join(self.config.architectures),
+            "num_tasks": self.num_tasks,
+            "num_processes": self.accelerator.num_processes,
+        }
+
+    def _save_final(self, wall_seconds: float) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.phi.save_pretrained(self.output_dir)
+        record = {
+            "source_dataset": self.config.source,
+            "num_tasks": self.num_tasks,
+            "classes_per_task": [len(task.classes) for task in self.tasks],
+            "tasks": [
+                {"task_id": t.task_id, "group": t.group, "classes": t.classes, "architecture":
+                 self.config.architectures[t.task_id % len(self.config.architectures)]}
+                for t in self.tasks
+            ],
+            "architectures": self.config.architectures,
+            "steps": self.step,
+            "batch_size": self.config.batch_size,
+            "learning_rate": self.config.learning_rate,
+            "weight_decay": self.config.weight_decay,
+            "image_size": self.config.image_size,
+            "lookahead": self.config.lookahead,
+            "seed": self.config.seed,
+            "num_processes": self.accelerator.num_processes,
+            "mixed_precision": self.config.mixed_precision,
+            "wall_seconds_this_run": round(wall_seconds, 1),
+            "final_metrics": self._last_metrics,
+        }
+        (self.output_dir / META_TRAINING_FILE).write_text(json.dumps(record, indent=2))
