@@ -95,15 +95,10 @@ class MetaPerturbModel(PreTrainedModel):
             noise = noise[:, :, None, None]
 
         batch, channels, height, width = h.shape
-        pad = self.config.kernel_size // 2
-        per_channel = h.reshape(batch * channels, 1, height, width)
         # λ₁ and K₁..K₄ all read h channel by channel: one convolution computes the five responses.
-        first_kernels = torch.cat([self.identity_kernels[:1], self.stat_kernels])
-        responses = F.conv2d(per_channel, first_kernels, padding=pad).view(batch, channels, -1, height, width)
-
+        responses = self._per_channel_conv(h, torch.cat([self.identity_kernels[:1], self.stat_kernels]))
         hidden = F.relu(responses[:, :, 0] + self._mean_conv(h, 0))
-        mu = F.conv2d(hidden.reshape(batch * channels, 1, height, width), self.identity_kernels[1:], padding=pad)
-        mu = mu.view(batch, channels, height, width) + self._mean_conv(hidden, 1)
+        mu = self._per_channel_conv(hidden, self.identity_kernels[1:])[:, :, 0] + self._mean_conv(hidden, 1)
         noise_sample = self._noise(mu, noise, expected_noise)
 
         pooled = F.relu(responses[:, :, 1:]).mean(dim=(3, 4))  # (B, C, num_stat_filters)
@@ -118,6 +113,18 @@ class MetaPerturbModel(PreTrainedModel):
         if clip_value is not None:
             output = output.clamp(max=clip_value)
         return output.view(batch, channels) if is_flat else output
+
+    def _per_channel_conv(self, features: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        """The same K kernels on every channel: (B, C, H, W) -> (B, C, K, H, W).
+
+        A depthwise convolution in channels-last layout; on CPU it runs several times faster, backward included,
+        than the equivalent single-channel convolution over B·C maps.
+        """
+        batch, channels, height, width = features.shape
+        weight = kernels.repeat(channels, 1, 1, 1)
+        out = F.conv2d(features.contiguous(memory_format=torch.channels_last), weight,
+                       padding=self.config.kernel_size // 2, groups=channels)
+        return out.reshape(batch, channels, len(kernels), height, width)
 
     def _mean_conv(self, features: torch.Tensor, layer: int) -> torch.Tensor:
         """γ ⋆ mean over channels, shape (B, 1, H, W), broadcast over channels by the caller."""
