@@ -7,7 +7,7 @@ from accelerate.tracking import GeneralTracker
 
 
 class JsonlTracker(GeneralTracker):
-    """Appends `{"step": ..., **values}` lines to `<logging_dir>/metrics.jsonl`; the config goes to `config.json`."""
+    """Appends `{"step": ..., **values}` lines to `<logging_dir>/<run_name>/metrics.jsonl`; the config goes to `config.json`."""
 
     name = "jsonl"
     requires_logging_directory = True
