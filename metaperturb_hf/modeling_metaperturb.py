@@ -95,13 +95,14 @@ class MetaPerturbModel(PreTrainedModel):
             noise = noise[:, :, None, None]
 
         batch, channels, height, width = h.shape
-        # λ₁ and K₁..K₄ all read h channel by channel: one convolution computes the five responses.
-        responses = self._per_channel_conv(h, torch.cat([self.identity_kernels[:1], self.stat_kernels]))
-        hidden = F.relu(responses[:, :, 0] + self._mean_conv(h, 0))
-        mu = self._per_channel_conv(hidden, self.identity_kernels[1:])[:, :, 0] + self._mean_conv(hidden, 1)
+        # Channels-last throughout: the depthwise convolutions below are several times faster in it on CPU.
+        h = h.contiguous(memory_format=torch.channels_last)
+        hidden = F.relu(self._per_channel_conv(h, self.identity_kernels[:1]) + self._mean_conv(h, 0))
+        mu = self._per_channel_conv(hidden, self.identity_kernels[1:]) + self._mean_conv(hidden, 1)
         noise_sample = self._noise(mu, noise, expected_noise)
 
-        pooled = F.relu(responses[:, :, 1:]).mean(dim=(3, 4))  # (B, C, num_stat_filters)
+        stat_responses = self._per_channel_conv(h, self.stat_kernels)  # (B, C·K, H, W), channel-major
+        pooled = F.relu(stat_responses).mean(dim=(2, 3)).view(batch, channels, -1)  # (B, C, num_stat_filters)
         mean, var = self._statistics(pooled, running_mean, running_var)
         descriptors = h.new_tensor([channels / channel_norm, height / spatial_norm]).expand(channels, 2)
         scale = torch.sigmoid(torch.cat([mean, var, descriptors], dim=1) @ self.scale_weight)
@@ -115,16 +116,9 @@ class MetaPerturbModel(PreTrainedModel):
         return output.view(batch, channels) if is_flat else output
 
     def _per_channel_conv(self, features: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-        """The same K kernels on every channel: (B, C, H, W) -> (B, C, K, H, W).
-
-        A depthwise convolution in channels-last layout; on CPU it runs several times faster, backward included,
-        than the equivalent single-channel convolution over B·C maps.
-        """
-        batch, channels, height, width = features.shape
-        weight = kernels.repeat(channels, 1, 1, 1)
-        out = F.conv2d(features.contiguous(memory_format=torch.channels_last), weight,
-                       padding=self.config.kernel_size // 2, groups=channels)
-        return out.reshape(batch, channels, len(kernels), height, width)
+        """The same K kernels on every channel, as one depthwise convolution: (B, C, H, W) -> (B, C·K, H, W)."""
+        weight = kernels.repeat(features.shape[1], 1, 1, 1)
+        return F.conv2d(features, weight, padding=self.config.kernel_size // 2, groups=features.shape[1])
 
     def _mean_conv(self, features: torch.Tensor, layer: int) -> torch.Tensor:
         """γ ⋆ mean over channels, shape (B, 1, H, W), broadcast over channels by the caller."""
