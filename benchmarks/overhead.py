@@ -1,0 +1,186 @@
+"""What MetaPerturb costs on top of a plain network: interleaved A/B timings (medians) and peak memory.
+
+Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per measurement:
+  (a) frozen φ: one transfer-training step with φ at every site / one plain step;
+  (b) trainable φ: one meta-training step (θ step on a train batch, φ-gradient on a validation batch) / two plain steps;
+  (c) evaluation: single pass ("mean" mode) and MC with K = 1, 5, 100 / one plain forward;
+  (d) peak memory of a training step with / without the perturbation (CUDA allocator peak, or process RSS growth
+      measured in a fresh subprocess on CPU).
+Each pair is timed alternately, A then B, `--repeats` times after warm-up; ratios are of medians from the same run.
+
+    python benchmarks/overhead.py [--device cuda] [--output benchmarks/results/overhead.jsonl]
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
+from metaperturb_hf.architectures import create_model
+
+BATCH, SIZE, CLASSES = 128, 32, 40
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved(a, b, device, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of a and of b, timed alternately so that machine noise hits both alike."""
+    for _ in range(warmup):
+        a(), b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(timed(a, device))
+        times_b.append(timed(b, device))
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+class Setup:
+    """A plain network and a perturbed copy of it (same weights), with their optimizers and data."""
+
+    def __init__(self, arch: str, device, trainable: bool):
+        torch.manual_seed(0)
+        self.device = device
+        self.plain = create_model(arch, CLASSES).to(device)
+        self.twin = create_model(arch, CLASSES).to(device)
+        self.twin.load_state_dict(self.plain.state_dict())
+        self.phi = MetaPerturbModel(MetaPerturbConfig()).to(device)
+        self.perturbed = add_perturbation(self.twin, self.phi, trainable=trainable).to(device)
+        self.plain_opt = torch.optim.Adam(self.plain.parameters(), lr=1e-3)
+        self.twin_opt = torch.optim.Adam(self.twin.parameters(), lr=1e-3)
+        self.phi_opt = torch.optim.Adam(self.phi.parameters(), lr=1e-3)
+        self.x = torch.randn(BATCH, 3, SIZE, SIZE, device=device)
+        self.y = torch.randint(0, CLASSES, (BATCH,), device=device)
+
+    def plain_step(self):
+        self.plain.train()
+        self.plain_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.plain(self.x), self.y).backward()
+        self.plain_opt.step()
+
+    def two_plain_steps(self):
+        self.plain_step()
+        self.plain_step()
+
+    def frozen_step(self):
+        self.perturbed.train()
+        self.twin_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.perturbed(self.x), self.y).backward()
+        self.twin_opt.step()
+
+    def meta_step(self):
+        """θ step, then the φ-gradient at the updated θ with BatchNorm in eval mode, then the φ step."""
+        params = list(self.twin.parameters())
+        self.perturbed.train()
+        self.twin_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.perturbed(self.x), self.y).backward(inputs=params)
+        self.twin_opt.step()
+        for module in self.twin.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        grads = torch.autograd.grad(F.cross_entropy(self.perturbed(self.x), self.y), list(self.phi.parameters()))
+        for p, g in zip(self.phi.parameters(), grads):
+            p.grad = g
+        self.phi_opt.step()
+
+    @torch.no_grad()
+    def plain_eval(self):
+        self.plain.eval()
+        self.plain(self.x)
+
+    def perturbed_eval(self, mode: str, samples: int):
+        def run():
+            self.perturbed.eval()
+            self.perturbed.set_noise_mode(mode)
+            self.perturbed.predict_proba(self.x, num_samples=samples)
+
+        return run
+
+
+MEMORY_CHILD = """
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from benchmarks.overhead import Setup
+setup = Setup(sys.argv[2], torch.device("cpu"), trainable=False)
+step = setup.plain_step if sys.argv[3] == "plain" else setup.frozen_step
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range(3):
+    step()
+print(json.dumps({"peak_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+"""
+
+
+def peak_memory_mib(arch: str, variant: str, device) -> float:
+    if device.type == "cuda":
+        setup = Setup(arch, device, trainable=False)
+        step = setup.plain_step if variant == "plain" else setup.frozen_step
+        step()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    root = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, root, arch, variant], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_growth_mib"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--archs", default="resnet20,conv4")
+    parser.add_argument("--output", help="append the JSON lines to this file too")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    common = {"torch": torch.__version__, "device": hardware, "batch": BATCH, "image_size": SIZE,
+              "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
+
+    def emit(record):
+        line = json.dumps({**record, **common})
+        print(line, flush=True)
+        if args.output:
+            with open(args.output, "a") as f:
+                f.write(line + "\n")
+
+    for arch in args.archs.split(","):
+        frozen = Setup(arch, device, trainable=False)
+        plain, with_phi = interleaved(frozen.plain_step, frozen.frozen_step, device, args.repeats)
+        emit({"arch": arch, "measure": "frozen_train_step", "plain_s": plain, "perturbed_s": with_phi,
+              "ratio": with_phi / plain})
+        meta = Setup(arch, device, trainable=True)
+        two_plain, meta_s = interleaved(meta.two_plain_steps, meta.meta_step, device, args.repeats)
+        emit({"arch": arch, "measure": "meta_train_step_vs_two_plain", "plain_s": two_plain, "perturbed_s": meta_s,
+              "ratio": meta_s / two_plain})
+        for mode, samples in (("mean", 1), ("sample", 1), ("sample", 5), ("sample", 100)):
+            repeats = max(3, args.repeats // 3) if samples == 100 else args.repeats
+            plain, perturbed = interleaved(frozen.plain_eval, frozen.perturbed_eval(mode, samples), device, repeats)
+            emit({"arch": arch, "measure": f"eval_{'single_pass' if mode == 'mean' else f'mc{samples}'}",
+                  "plain_s": plain, "perturbed_s": perturbed, "ratio": perturbed / plain})
+        plain_mib, perturbed_mib = peak_memory_mib(arch, "plain", device), peak_memory_mib(arch, "perturbed", device)
+        emit({"arch": arch, "measure": "peak_memory_train_step", "plain_mib": plain_mib, "perturbed_mib": perturbed_mib,
+              "ratio": perturbed_mib / plain_mib if plain_mib else None})
+
+
+if __name__ == "__main__":
+    main()
