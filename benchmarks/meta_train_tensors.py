@@ -2,7 +2,7 @@
 
 The GPU machines lent to this project lack the `datasets` package and cap uploads at 64 MiB, so this driver reads
 the lossless-WebP Parquet written by pack_webp.py with pyarrow and Pillow and calls the same `build_tasks` and
-`MetaTrainer` as examples/meta_train.py. If the first steps project past `--time-budget-s`, the step count is cut
+`MetaTrainer` as examples/meta_train.py. If the pace after warm-up projects past `--time-budget-s`, the step count is cut
 to fit and meta_training.json records the steps actually run.
 
     python benchmarks/meta_train_tensors.py .gpu/tin_train_webp.parquet --arch resnet20 --output-dir phi-resnet20
@@ -38,24 +38,26 @@ def load_packed(path: str) -> ImageTensors:
 
 
 class BudgetedTrainer(MetaTrainer):
-    """Cuts `steps` once, after `probe_steps`, so that the run ends within the budget."""
+    """Cuts `steps` once, from the pace of steps `warmup`..`warmup + probe` (warm-up excluded), to end in budget."""
 
-    def __init__(self, *args, budget_s: float, probe_steps: int = 10, **kwargs):
+    def __init__(self, *args, budget_s: float, warmup: int = 5, probe: int = 10, **kwargs):
         super().__init__(*args, **kwargs)
-        self.budget_s, self.probe_steps, self.started = budget_s, probe_steps, None
+        self.budget_s, self.warmup, self.probe = budget_s, warmup, probe
+        self.started = self.probe_started = None
 
     def _meta_step(self):
-        if self.started is None:
-            self.started = time.time()
-        metrics = super()._meta_step()
-        if self.step + 1 == self.probe_steps:
-            per_step = (time.time() - self.started) / self.probe_steps
-            affordable = max(int(self.budget_s / per_step), self.probe_steps)
-            print(f"{per_step:.3f} s/step over the first {self.probe_steps} steps", flush=True)
+        now = time.time()
+        self.started = self.started or now
+        if self.step == self.warmup:
+            self.probe_started = now
+        if self.step == self.warmup + self.probe:
+            per_step = (now - self.probe_started) / self.probe
+            affordable = self.step + int((self.budget_s - (now - self.started)) / per_step)
+            print(f"{per_step:.3f} s/step after warm-up", flush=True)
             if affordable < self.config.steps:
                 print(f"budget {self.budget_s:.0f} s: cutting steps {self.config.steps} -> {affordable}", flush=True)
-                self.config.steps = affordable
-        return metrics
+                self.config.steps = max(affordable, self.step + 1)
+        return super()._meta_step()
 
 
 def main():
