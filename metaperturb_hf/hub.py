@@ -4,8 +4,15 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-# What a released φ folder holds; checkpoints and logs stay local.
-RELEASE_PATTERNS = ["config.json", "model.safetensors", "*.py", "meta_training.json", "README.md"]
+# What a released φ folder holds, by exact top-level name (fnmatch's `*` would also match checkpoints/.../x.py).
+RELEASE_PATTERNS = [
+    "config.json",
+    "model.safetensors",
+    "configuration_metaperturb.py",
+    "modeling_metaperturb.py",
+    "meta_training.json",
+    "README.md",
+]
 
 
 def push_perturbation_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:

@@ -221,38 +221,90 @@ class SiteStatistics(nn.Module):
         self.register_buffer("running_var", torch.ones(channels, num_stat_filters))
 
 
-class _SiteHook:
-    """Perturbs one site; a class rather than a closure so the wrapped model can be pickled and deep-copied."""
+class _ModuleSitesHook:
+    """One hook per (module, position): counts that module's calls once per forward and handles the calls that are sites.
 
-    def __init__(self, owner: "PerturbedModel", site: Site, key: str):
-        self.owner, self.site, self.key = owner, site, key
+    One counter per module matters when a module holds several sites (a shared ReLU called twice): a hook per site
+    would advance the count once per site and call. A class rather than a closure, so wrappers deep-copy and pickle.
+    """
 
-    def matches_call(self) -> bool:
+    def __init__(self, owner: "SiteWrapper", module_name: str, position: str):
+        self.owner, self.slot = owner, (module_name, position)
+        self.sites: dict[int, tuple[Site, str]] = {}
+
+    def _site_of_this_call(self):
         counts = self.owner._call_counts
-        index = counts.get(self.site.module_name, 0)
-        counts[self.site.module_name] = index + 1
-        return index == self.site.call_index
+        index = counts.get(self.slot, 0)
+        counts[self.slot] = index + 1
+        return self.sites.get(index)
 
     def before(self, module, args):
-        if self.matches_call():
-            return (self.owner._perturb(self.site, self.key, args[0]),) + tuple(args[1:])
-        return None
+        hit = self._site_of_this_call()
+        if hit is None:
+            return None
+        return (self.owner._perturb(*hit, args[0]),) + tuple(args[1:])
 
     def after(self, module, args, output):
-        if self.matches_call():
-            return self.owner._perturb(self.site, self.key, output)
-        return None
+        hit = self._site_of_this_call()
+        return None if hit is None else self.owner._perturb(*hit, output)
 
 
 class _ResetCallCounts:
-    def __init__(self, owner: "PerturbedModel"):
+    """Forward pre-hook on the wrapped model's root: a new forward starts counting calls from zero."""
+
+    def __init__(self, owner: "SiteWrapper"):
         self.owner = owner
 
     def __call__(self, module, args, kwargs=None):
         self.owner._call_counts.clear()
 
 
-class PerturbedModel(nn.Module):
+def is_wrapped(model: nn.Module) -> bool:
+    """Whether a perturbation or regularizer is attached to `model` (its root carries our reset hook)."""
+    return any(isinstance(hook, _ResetCallCounts) for hook in model._forward_pre_hooks.values())
+
+
+class SiteWrapper(nn.Module):
+    """Hooks a classifier at its sites and hands every site tensor to `_perturb`; the tree and keys stay untouched.
+
+    State-dict keys: `model.*` (the wrapped model's, unchanged) plus whatever a subclass registers.
+    """
+
+    def __init__(self, model: nn.Module, sites: Sequence[Site]):
+        super().__init__()
+        self.model = model
+        self.sites = list(sites)
+        self.site_keys = _unique_keys([site.name for site in self.sites])
+        self._call_counts: dict = {}
+        self._handles = [model.register_forward_pre_hook(_ResetCallCounts(self))]
+        modules = dict(model.named_modules())
+        hooks: dict[tuple[str, str], _ModuleSitesHook] = {}
+        for site, key in zip(self.sites, self.site_keys):
+            slot = (site.module_name, site.position)
+            if slot not in hooks:
+                hooks[slot] = hook = _ModuleSitesHook(self, *slot)
+                module = modules[site.module_name]
+                register = module.register_forward_pre_hook if site.position == "input" else module.register_forward_hook
+                self._handles.append(register(hook.before if site.position == "input" else hook.after))
+            hooks[slot].sites[site.call_index] = (site, key)
+
+    def forward(self, *args, **kwargs):
+        if not self._handles:
+            raise RuntimeError(f"This {type(self).__name__} was unwrapped; use the model that unwrap() returned.")
+        return self.model(*args, **kwargs)
+
+    def _perturb(self, site: Site, key: str, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unwrap(self) -> nn.Module:
+        """Remove the hooks and return the original model (same keys, same outputs)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.model
+
+
+class PerturbedModel(SiteWrapper):
     r"""
     A classifier whose sites are perturbed by one shared `MetaPerturbModel`.
 
@@ -273,34 +325,16 @@ class PerturbedModel(nn.Module):
         channel_norm: float,
         spatial_norm: float,
     ):
-        super().__init__()
-        self.model = model
+        super().__init__(model, sites)
         self.perturbation = perturbation
-        self.sites = list(sites)
         self.channel_norm = float(channel_norm)
         self.spatial_norm = float(spatial_norm)
         self.noise_coeff = 1.0
         self.noise_mode = "sample"
-        self._call_counts: dict[str, int] = {}
-        self.site_keys = _unique_keys([site.name for site in self.sites])
         num_filters = perturbation.config.num_stat_filters
         self.site_statistics = nn.ModuleDict(
             {key: SiteStatistics(site.channels, num_filters) for key, site in zip(self.site_keys, self.sites)}
         )
-        self._handles = [model.register_forward_pre_hook(_ResetCallCounts(self))]
-        modules = dict(model.named_modules())
-        for key, site in zip(self.site_keys, self.sites):
-            hook = _SiteHook(self, site, key)
-            module = modules[site.module_name]
-            if site.position == "input":
-                self._handles.append(module.register_forward_pre_hook(hook.before))
-            else:
-                self._handles.append(module.register_forward_hook(hook.after))
-
-    def forward(self, *args, **kwargs):
-        if not self._handles:
-            raise RuntimeError("This PerturbedModel was unwrapped; use the model that unwrap() returned.")
-        return self.model(*args, **kwargs)
 
     def _perturb(self, site: Site, key: str, hidden_states: torch.Tensor) -> torch.Tensor:
         stats = self.site_statistics[key]
@@ -343,13 +377,6 @@ class PerturbedModel(nn.Module):
             logits = output.logits if hasattr(output, "logits") else output
             total = total + logits.softmax(dim=-1)
         return total / passes
-
-    def unwrap(self) -> nn.Module:
-        """Remove the perturbation and return the original model (same keys, same outputs)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        return self.model
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Save φ, the site layout and statistics, and (for `transformers` models) the classifier itself."""
@@ -411,6 +438,36 @@ def default_example_inputs(model: nn.Module, input_size: Sequence[int] | None = 
     return torch.randn(2, *input_size, device=device)
 
 
+def resolve_sites(
+    model: nn.Module,
+    sites="auto",
+    select: str = "all",
+    num_sites: int | None = None,
+    example_inputs=None,
+    input_size: Sequence[int] | None = None,
+) -> list[Site]:
+    """The sites a wrapper attaches to: detected, matched by name or pattern, then selected (see add_perturbation)."""
+    if is_wrapped(model):
+        raise ValueError(
+            f"This {type(model).__name__} already carries a perturbation or regularizer; call unwrap() on it first."
+        )
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model, input_size)
+    detected = find_sites(model, example_inputs)
+    if isinstance(sites, str) and sites == "auto":
+        if not detected:
+            raise ValueError(
+                f"No perturbation site found in {type(model).__name__}: it has no activation modules (nn.ReLU, ...) "
+                "and no residual blocks. Pass sites=[...] with the names of modules whose outputs to perturb."
+            )
+        chosen = detected
+    else:
+        chosen = _match_sites(model, example_inputs, detected, sites)
+        if not chosen:
+            raise ValueError(f"sites={sites!r} matched no site or module of {type(model).__name__}.")
+    return select_sites(chosen, select, num_sites)
+
+
 def add_perturbation(
     model: nn.Module,
     perturbation: MetaPerturbModel,
@@ -439,22 +496,7 @@ def add_perturbation(
     """
     if not isinstance(perturbation, nn.Module) or getattr(getattr(perturbation, "config", None), "model_type", None) != "metaperturb":
         raise TypeError(f"perturbation must be a MetaPerturbModel, got {type(perturbation).__name__}.")
-    if any(isinstance(hook, _ResetCallCounts) for hook in model._forward_pre_hooks.values()):
-        raise ValueError(f"This {type(model).__name__} is already perturbed; call unwrap() on its PerturbedModel first.")
-    if example_inputs is None:
-        example_inputs = default_example_inputs(model, input_size)
-    if isinstance(sites, str) and sites == "auto":
-        chosen = find_sites(model, example_inputs)
-        if not chosen:
-            raise ValueError(
-                f"No perturbation site found in {type(model).__name__}: it has no activation modules (nn.ReLU, ...) "
-                "and no residual blocks. Pass sites=[...] with the names of modules whose outputs to perturb."
-            )
-    else:
-        chosen = _match_sites(model, example_inputs, find_sites(model, example_inputs), sites)
-        if not chosen:
-            raise ValueError(f"sites={sites!r} matched no site or module of {type(model).__name__}.")
-    chosen = select_sites(chosen, select, num_sites)
+    chosen = resolve_sites(model, sites, select, num_sites, example_inputs, input_size)
     perturbation.requires_grad_(trainable)
     return PerturbedModel(
         model,

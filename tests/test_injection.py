@@ -279,7 +279,7 @@ def test_a_network_without_sites_is_refused_with_advice(perturbation):
 def test_a_model_cannot_be_perturbed_twice(perturbation):
     model = create_model("conv4", num_classes=5)
     first = add_perturbation(model, perturbation)
-    with pytest.raises(ValueError, match="already perturbed.*unwrap"):
+    with pytest.raises(ValueError, match="already carries a perturbation or regularizer.*unwrap"):
         add_perturbation(model, perturbation)
     first.unwrap()
     assert len(add_perturbation(model, perturbation).sites) == 4
@@ -288,3 +288,23 @@ def test_a_model_cannot_be_perturbed_twice(perturbation):
 def test_only_a_metaperturb_model_is_accepted():
     with pytest.raises(TypeError, match="MetaPerturbModel"):
         add_perturbation(create_model("conv4", num_classes=5), nn.Linear(2, 2))
+
+
+def test_one_module_holding_two_sites_perturbs_both_calls(perturbation):
+    """A plain network that reuses one ReLU: both of its calls are sites, each with its own statistics."""
+
+    class SharedRelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.head = nn.Linear(12, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+
+    perturbed = add_perturbation(SharedRelu(), perturbation, example_inputs=torch.randn(2, 12))
+    assert [(s.name, s.call_index) for s in perturbed.sites] == [("act#0", 0), ("act#1", 1)]
+    perturbed.train()
+    perturbed(torch.randn(4, 12))
+    for key in perturbed.site_keys:
+        assert perturbed.site_statistics[key].running_mean.abs().sum() > 0

@@ -1,7 +1,6 @@
 """Class-disjoint meta-training tasks: groups, stratified halves, swapped pairs, and early size errors."""
 
 import pytest
-import torch
 from conftest_data import CUB, identified_tensors, image_dataset, row_ids
 from conftest_data import isolated_hf_cache  # noqa: F401  (fixture)
 

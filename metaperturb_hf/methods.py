@@ -1,0 +1,92 @@
+"""One transfer experiment, by method name: build the classifier, regularize it, train it, evaluate it.
+
+The transfer script, the benchmark grid and the quick start all go through `run_transfer`, so a number in any table
+comes from the same code path.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import create_model
+from .data import ImageTensors
+from .evaluation import evaluate
+from .injection import add_perturbation
+from .modeling_metaperturb import MetaPerturbModel
+from .regularizers import REGULARIZERS, add_regularizer
+from .transfer import TransferConfig, train_classifier
+
+METHODS = ("none", "metaperturb", *REGULARIZERS, "finetune")
+
+
+def load_perturbation(path_or_repo: str | Path) -> MetaPerturbModel:
+    """φ from a save_pretrained folder or hub repo, or converted from the authors' `.pth`."""
+    if str(path_or_repo).endswith(".pth"):
+        from .convert import convert_official_checkpoint
+
+        return convert_official_checkpoint(path_or_repo)
+    phi = MetaPerturbModel.from_pretrained(path_or_repo)
+    if getattr(phi.config, "model_type", None) != "metaperturb":
+        raise ValueError(f"{path_or_repo} holds a {phi.config.model_type!r} model, not a MetaPerturb perturbation function.")
+    return phi
+
+
+def build_classifier(arch: str, num_classes: int, image_size: int, seed: int, init_from: str | None = None) -> nn.Module:
+    """A freshly initialised reference network, or one whose body starts from a source-trained state dict."""
+    torch.manual_seed(seed)
+    model = create_model(arch, num_classes, image_size=image_size)
+    if init_from:
+        state = torch.load(init_from, map_location="cpu", weights_only=True)
+        own = model.state_dict()
+        body = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}  # the head is re-learned
+        if len(body) < len(own) // 2:
+            raise ValueError(f"{init_from} does not fit {arch}: only {len(body)} of {len(own)} tensors match.")
+        model.load_state_dict(body, strict=False)
+    return model
+
+
+def apply_method(model: nn.Module, method: str, image_size: int, perturbation: MetaPerturbModel | None = None) -> nn.Module:
+    """Wrap `model` for `method`; "none" and "finetune" train it as it is."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
+    if method == "metaperturb":
+        if perturbation is None:
+            raise ValueError("method 'metaperturb' needs a perturbation function (--perturbation PATH_OR_REPO).")
+        return add_perturbation(model, perturbation, input_size=(3, image_size, image_size))
+    if method in REGULARIZERS:
+        return add_regularizer(model, method, input_size=(3, image_size, image_size))
+    return model
+
+
+def run_transfer(
+    method: str,
+    arch: str,
+    train: ImageTensors,
+    test: ImageTensors,
+    config: TransferConfig,
+    perturbation: MetaPerturbModel | None = None,
+    mc_samples: int = 10,
+    init_from: str | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """Train one (method, arch, seed) run and return its evaluation records (two for MetaPerturb: MC and single pass)."""
+    image_size = train.images.shape[-1]
+    if method == "finetune" and not init_from:
+        raise ValueError("method 'finetune' needs the source-trained network to start from (--init-from STATE_DICT).")
+    model = build_classifier(arch, len(train.class_names), image_size, config.seed, init_from)
+    model = apply_method(model, method, image_size, perturbation)
+    result = train_classifier(model, train, config, progress=progress)
+    base = {"method": method, "arch": arch, "seed": config.seed, "steps": config.steps,
+            "train_images": len(train), "train_seconds": round(result["train_seconds"], 1)}
+    if method != "metaperturb":
+        return [{**base, **evaluate(model, test)}]
+    records = [{**base, **evaluate(model, test, num_samples=mc_samples)}]
+    model.set_noise_mode("mean")
+    records.append({**base, "method": "metaperturb_single_pass", **evaluate(model, test)})
+    return records
+
+
+def describe(config: TransferConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if k not in ("log_every", "input_name")}
