@@ -1,0 +1,189 @@
+"""Run a transfer grid (targets × networks × methods × seeds), one JSON line per finished run, and tabulate it.
+
+    python examples/benchmark.py --name tin_transfer \
+        --targets cifar10=../shared/data/cifar10_32:50,cub=../shared/data/cub200_2011_first50_32 \
+        --archs conv4,resnet20,vgg9 --methods none,metaperturb,dropout,dropblock,manifold_mixup,info_dropout \
+        --perturbations tin-conv4=hub_cards/metaperturb-tin-conv4,tin-resnet20=hub_cards/metaperturb-tin-resnet20 \
+        --seeds 0,1,2 --steps 1000 [--shard 0/2]
+
+A target is NAME=PATH[:TRAIN_PER_CLASS]. Every finished run appends its records to benchmarks/results/<name>.jsonl;
+a rerun skips what is there, so an interrupted grid resumes and two shards (`--shard 0/2`, `--shard 1/2`) can run
+side by side. `--report` (also done after every grid) writes <name>.md (mean ± 95 % CI per cell, best per row in
+bold) and <name>.png.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from metaperturb_hf.data import load_image_dataset, subsample_per_class, to_tensors
+from metaperturb_hf.methods import load_perturbation, run_transfer
+from metaperturb_hf.transfer import TransferConfig
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+# Two-sided 95 % Student t quantiles by degrees of freedom; the normal value beyond the table.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+RUN_KEY = ("source", "target", "arch", "method", "seed", "steps", "train_per_class")
+
+
+def parse_targets(spec: str) -> dict:
+    targets = {}
+    for item in spec.split(","):
+        name, _, location = item.partition("=")
+        path, _, per_class = location.partition(":")
+        if not name or not path:
+            raise ValueError(f"Target {item!r} is not NAME=PATH[:TRAIN_PER_CLASS].")
+        targets[name] = (path, int(per_class) if per_class else None)
+    return targets
+
+
+def parse_perturbations(spec: str | None) -> dict:
+    return dict(item.split("=", 1) for item in spec.split(",")) if spec else {}
+
+
+def planned_runs(args) -> list[dict]:
+    """Every (target, arch, method, source, seed) cell of the grid, as the key its record will carry."""
+    runs = []
+    for target, (_, per_class) in parse_targets(args.targets).items():
+        for arch in args.archs.split(","):
+            for method in args.methods.split(","):
+                sources = list(parse_perturbations(args.perturbations)) if method == "metaperturb" else ["-"]
+                if method == "metaperturb" and not sources:
+                    raise ValueError("method metaperturb needs --perturbations SOURCE=PATH[,SOURCE=PATH].")
+                for source in sources:
+                    for seed in (int(s) for s in args.seeds.split(",")):
+                        runs.append({"source": source, "target": target, "arch": arch, "method": method,
+                                     "seed": seed, "steps": args.steps, "train_per_class": per_class})
+    return runs
+
+
+def key_of(record: dict) -> tuple:
+    method = "metaperturb" if record["method"].startswith("metaperturb") else record["method"]
+    return tuple(method if field == "method" else record[field] for field in RUN_KEY)
+
+
+def finished(path: Path) -> tuple[list[dict], set]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return records, {key_of(record) for record in records}
+
+
+def run_grid(args) -> None:
+    path = Path(args.results_dir) / f"{args.name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _, done = finished(path)
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    todo = [run for i, run in enumerate(planned_runs(args)) if i % shards == shard and key_of(run) not in done]
+    print(f"{len(todo)} runs to do in shard {shard}/{shards} ({len(done)} finished already)", flush=True)
+    targets, perturbations, cache = parse_targets(args.targets), parse_perturbations(args.perturbations), {}
+    for index, run in enumerate(todo, 1):
+        data_path, per_class = targets[run["target"]]
+        if data_path not in cache:
+            cache = {data_path: [to_tensors(load_image_dataset(data_path, split)) for split in ("train", "test")]}
+        train, test = cache[data_path]
+        if per_class:
+            train = subsample_per_class(train, per_class, run["seed"])
+        phi = load_perturbation(perturbations[run["source"]]) if run["method"] == "metaperturb" else None
+        config = TransferConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"])
+        records = run_transfer(run["method"], run["arch"], train, test, config, phi, args.mc_samples)
+        with path.open("a") as f:  # one write per run: a killed run leaves no half record
+            f.write("".join(json.dumps({**run, **record, "mc_samples": record["num_samples"]}) + "\n"
+                            for record in records))
+        print(f"[{index}/{len(todo)}] {run['target']} {run['arch']} {run['method']} {run['source']} seed {run['seed']}: "
+              + ", ".join(f"{r['method']} {100 * r['accuracy']:.2f}" for r in records), flush=True)
+
+
+def confidence_interval(values: list[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    return T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def column_name(record: dict) -> str:
+    return f"{record['method']} [{record['source']}]" if record["source"] != "-" else record["method"]
+
+
+def report(name: str, results_dir: Path = RESULTS) -> str:
+    """Markdown table: rows (target, arch), columns methods, cells mean ± 95 % CI in %, best per row in bold."""
+    results_dir = Path(results_dir)
+    records, _ = finished(results_dir / f"{name}.jsonl")
+    if not records:
+        raise ValueError(f"No records in {results_dir / f'{name}.jsonl'} yet.")
+    cells = defaultdict(list)
+    for record in records:
+        cells[(record["target"], record["arch"], column_name(record))].append(100 * record["accuracy"])
+    rows = sorted({(t, a) for t, a, _ in cells})
+    columns = sorted({c for _, _, c in cells}, key=lambda c: (c != "none", c))
+    steps = sorted({r["steps"] for r in records})
+    lines = [f"Test accuracy (%), mean ± 95 % CI over seeds (n in parentheses); {steps} steps; best per row in bold.",
+             "", "| target | network | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for target, arch in rows:
+        means = {c: statistics.mean(cells[(target, arch, c)]) for c in columns if cells.get((target, arch, c))}
+        best = max(means, key=means.get)
+        row = []
+        for column in columns:
+            values = cells.get((target, arch, column))
+            if not values:
+                row.append("–")
+                continue
+            text = f"{statistics.mean(values):.2f} ± {confidence_interval(values):.2f} ({len(values)})"
+            row.append(f"**{text}**" if column == best else text)
+        lines.append(f"| {target} | {arch} | " + " | ".join(row) + " |")
+    table = "\n".join(lines) + "\n"
+    (results_dir / f"{name}.md").write_text(table)
+    plot(cells, rows, columns, results_dir / f"{name}.png")
+    return table
+
+
+def plot(cells, rows, columns, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * len(columns) / 3), 4))
+    width = 0.8 / len(columns)
+    for i, column in enumerate(columns):
+        means = [statistics.mean(cells[(t, a, column)]) if cells.get((t, a, column)) else 0 for t, a in rows]
+        errors = [confidence_interval(cells[(t, a, column)]) if cells.get((t, a, column)) else 0 for t, a in rows]
+        positions = [r + (i - len(columns) / 2 + 0.5) * width for r in range(len(rows))]
+        ax.bar(positions, means, width, yerr=[0 if math.isnan(e) else e for e in errors], capsize=2, label=column)
+    ax.set_xticks(range(len(rows)), [f"{t}\n{a}" for t, a in rows])
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, help="results go to <results-dir>/<name>.{jsonl,md,png}")
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--targets", help="NAME=PATH[:TRAIN_PER_CLASS],...")
+    parser.add_argument("--archs", default="conv4,resnet20")
+    parser.add_argument("--methods", default="none,metaperturb")
+    parser.add_argument("--perturbations", help="SOURCE=PATH_OR_REPO,... (one metaperturb column per source)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--mc-samples", type=int, default=10)
+    parser.add_argument("--shard", default="0/1", help="I/N: run every N-th cell starting at I")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or None)
+    parser.add_argument("--report", action="store_true", help="only rebuild the table and chart from the records")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.report:
+        if not args.targets:
+            parser.error("--targets is required to run a grid")
+        run_grid(args)
+    print(report(args.name, args.results_dir))
+
+
+if __name__ == "__main__":
+    main()

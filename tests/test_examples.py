@@ -1,0 +1,105 @@
+"""The example scripts end to end on tiny data: transfer, the resumable benchmark grid, the quick start."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from conftest_data import image_dataset
+
+from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("target")
+    image_dataset(num_classes=3, per_class=12, size=16, seed=1).to_parquet(str(folder / "train.parquet"))
+    image_dataset(num_classes=3, per_class=4, size=16, seed=2).to_parquet(str(folder / "test.parquet"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def phi_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phi")
+    MetaPerturbModel(MetaPerturbConfig()).save_pretrained(folder)
+    return folder
+
+
+def test_transfer_script_writes_records_for_every_seed(target, phi_dir, tmp_path):
+    output = tmp_path / "out.json"
+    load_script("transfer").main([
+        "--dataset", str(target), "--arch", "conv4", "--image-size", "16", "--method", "metaperturb",
+        "--perturbation", str(phi_dir), "--steps", "3", "--batch-size", "8", "--seeds", "0,1",
+        "--train-per-class", "6", "--mc-samples", "2", "--output", str(output),
+    ])
+    result = json.loads(output.read_text())
+    assert [(r["method"], r["seed"]) for r in result["records"]] == [
+        ("metaperturb", 0), ("metaperturb_single_pass", 0), ("metaperturb", 1), ("metaperturb_single_pass", 1)
+    ]
+    assert all(r["train_images"] == 18 and 0 <= r["accuracy"] <= 1 for r in result["records"])
+    assert result["summary"]["metaperturb"]["seeds"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--method", "metaperturb"], "needs --perturbation"),
+        (["--method", "none", "--train-per-class", "50"], "fewer than per_class"),
+        (["--method", "none", "--arch", "conv4", "--image-size", "8"], "too small"),
+        (["--method", "finetune"], "init-from"),
+    ],
+)
+def test_transfer_script_refuses_bad_input_before_training(target, args, match):
+    with pytest.raises(ValueError, match=match):
+        load_script("transfer").main(["--dataset", str(target), "--arch", "conv4", "--image-size", "16",
+                                      "--steps", "1", *args])
+
+
+def test_transfer_script_refuses_a_file_that_is_not_a_perturbation(target, tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])).save_pretrained(tmp_path / "resnet")
+    with pytest.raises(Exception, match="metaperturb|resnet"):
+        load_script("transfer").main(["--dataset", str(target), "--arch", "conv4", "--image-size", "16",
+                                      "--steps", "1", "--method", "metaperturb", "--perturbation", str(tmp_path / "resnet")])
+
+
+def test_benchmark_grid_resumes_without_redoing_runs(target, phi_dir, tmp_path):
+    benchmark = load_script("benchmark")
+    args = ["--name", "tiny", "--results-dir", str(tmp_path), "--targets", f"toy={target}:6", "--archs", "conv4",
+            "--methods", "none,dropout,metaperturb", "--perturbations", f"rand={phi_dir}", "--seeds", "0,1",
+            "--steps", "2", "--batch-size", "8", "--mc-samples", "2"]
+    results = tmp_path / "tiny.jsonl"
+    calls = []
+    original = benchmark.run_transfer
+    benchmark.run_transfer = lambda *a, **k: calls.append(a[0]) or original(*a, **k)
+    benchmark.main([*args, "--shard", "0/2"])  # half the grid, as if the run had been interrupted
+    first = results.read_text().splitlines()
+    assert len(calls) == 3
+    benchmark.main(args)  # the rest, and nothing twice
+    assert len(calls) == 6 and results.read_text().splitlines()[: len(first)] == first
+    benchmark.main(args)
+    assert len(calls) == 6
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(records) == 8  # none, dropout: 2 seeds each; metaperturb: MC + single pass, 2 seeds
+    for field in ("source", "target", "arch", "method", "seed", "steps", "train_per_class", "accuracy", "ece",
+                  "mc_samples", "train_seconds"):
+        assert all(field in record for record in records), field
+    table = (tmp_path / "tiny.md").read_text()
+    assert "metaperturb [rand]" in table and "**" in table and (tmp_path / "tiny.png").stat().st_size > 1000
+
+
+def test_quickstart_runs_in_reduced_mode(tmp_path):
+    load_script("quickstart").main(["--quick", "--steps", "3", "--train-per-class", "5", "--output-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "quickstart_results.json").read_text())
+    assert set(result["summary"]) == {"none", "metaperturb", "metaperturb_single_pass"}
+    assert (tmp_path / "quickstart.png").stat().st_size > 1000
