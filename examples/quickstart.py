@@ -5,7 +5,7 @@ Data: scikit-learn's handwritten digits (ships with the package; no download), u
 project meta-trained on Tiny ImageNet with Conv4 (hub_cards/metaperturb-tin-conv4). Prints a table of test accuracy
 (mean ± std over seeds), writes the records to quickstart_results.json and a bar chart to quickstart.png.
 
-    python examples/quickstart.py             # 3 seeds, about 3 minutes on 2 CPU cores
+    python examples/quickstart.py             # 3 seeds, about 4 minutes on 2 CPU cores
     python examples/quickstart.py --quick     # 1 seed, a few steps: a smoke test
 """
 
@@ -53,7 +53,8 @@ def plot(summary: dict, path: Path, title: str) -> None:
     means = [100 * summary[m]["mean"] for m in methods]
     stds = [100 * summary[m]["std"] for m in methods]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(methods, means, yerr=stds, capsize=4, color=["#9e9e9e", "#1f77b4", "#7fb3e0"][: len(methods)])
+    colors = ["#9e9e9e", "#1f77b4", "#7fb3e0"][: len(methods)]
+    ax.bar([m.replace("_", "\n") for m in methods], means, yerr=stds, capsize=4, color=colors)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(max(0, min(means) - 15), min(100, max(means) + 8))
     ax.set_title(title, fontsize=9)
@@ -65,7 +66,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--perturbation", default=str(DEFAULT_PERTURBATION), help="φ folder, hub repo or authors' .pth")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument("--mc-samples", type=int, default=5)
