@@ -181,3 +181,22 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(parquet_dir, tmp_path):
     (checkpoint,) = list((tmp_path / "out" / "checkpoints").glob("checkpoint-*"))
     step = int(checkpoint.name.split("-")[1])
     assert 0 < step < 400 and (checkpoint / "perturbation" / "model.safetensors").is_file()
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state; mixed precision can only be chosen on a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_trains_phi(tmp_path, fresh_accelerator_state):
+    t = trainer(tmp_path, steps=2, mixed_precision="bf16")
+    assert t.accelerator.mixed_precision == "bf16"
+    before = t.phi.scale_weight.detach().clone()
+    t.train()
+    assert t.phi.scale_weight.dtype == torch.float32  # φ and its optimizer stay in full precision
+    assert torch.isfinite(t.phi.scale_weight).all() and not torch.equal(before, t.phi.scale_weight)
