@@ -4,7 +4,6 @@ The transfer script, the benchmark grid and the quick start all go through `run_
 comes from the same code path.
 """
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -87,6 +86,3 @@ def run_transfer(
     records.append({**base, "method": "metaperturb_single_pass", **evaluate(model, test)})
     return records
 
-
-def describe(config: TransferConfig) -> dict:
-    return {k: v for k, v in asdict(config).items() if k not in ("log_every", "input_name")}
