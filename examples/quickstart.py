@@ -3,7 +3,7 @@
 Data: scikit-learn's handwritten digits (ships with the package; no download), upscaled to 32×32 RGB, with
 `--train-per-class` training images per class and every other image as the test set. Network: Conv4. φ: the one this
 project meta-trained on Tiny ImageNet with Conv4 (hub_cards/metaperturb-tin-conv4). Prints a table of test accuracy
-(mean ± std over seeds), writes the records to quickstart_results.json and a bar chart to quickstart.png.
+(mean ± std over seeds), writes the records and a bar chart to quickstart-output/.
 
     python examples/quickstart.py             # 3 seeds, about 4 minutes on 2 CPU cores
     python examples/quickstart.py --quick     # 1 seed, a few steps: a smoke test
@@ -70,7 +70,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument("--mc-samples", type=int, default=5)
-    parser.add_argument("--output-dir", default=".")
+    parser.add_argument("--output-dir", default="quickstart-output")
     parser.add_argument("--quick", action="store_true", help="1 seed and 20 steps, to check that everything runs")
     args = parser.parse_args(argv)
     if args.quick:
