@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .classifier_io import classifier_logits, input_name_for
 from .data import ImageTensors, normalize
 from .injection import PerturbedModel
 
@@ -51,21 +52,12 @@ def _classifier(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, PerturbedModel) else model
 
 
-def _resolve_input_name(model: nn.Module, input_name: str | None) -> str | None:
-    """`pixel_values` for `transformers` classifiers (they take keyword inputs), positional otherwise."""
-    if input_name is not None:
-        return input_name
-    config = getattr(_classifier(model), "config", None)
-    return "pixel_values" if hasattr(config, "num_labels") else None
-
-
 def _logits(model: nn.Module, images: torch.Tensor, input_name: str | None) -> torch.Tensor:
-    output = model(**{input_name: images}) if input_name else model(images)
-    logits = output.logits if hasattr(output, "logits") else output
+    logits = classifier_logits(model, images, input_name)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise TypeError(
             f"{type(_classifier(model)).__name__} must return logits of shape (batch, classes) or an output with "
-            f".logits, got {type(output).__name__}."
+            f".logits, got {type(logits).__name__}."
         )
     return logits
 
@@ -114,7 +106,7 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 def _predict(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int, input_name: str | None):
     """Softmax probabilities of every batch, concatenated; MC-averaged over the noise draws of stochastic models."""
     draws = _num_draws(model, num_samples)
-    input_name = _resolve_input_name(model, input_name)
+    input_name = input_name_for(model, input_name)
     outputs = []
     with _eval_mode(model), torch.no_grad():
         for batch in batches:
@@ -293,7 +285,7 @@ def pgd_attack(
         raise ValueError(f"eot_samples must be at least 1, got {eot_samples}.")
     step_size = 2.5 * epsilon / steps if step_size is None else step_size
     draws = _num_draws(model, eot_samples)
-    input_name = _resolve_input_name(model, input_name)
+    input_name = input_name_for(model, input_name)
     device = _model_device(model, images_float.device)
     std_tensor = _per_channel(std, images_float.dtype, device)
     mean_tensor = _per_channel(mean, images_float.dtype, device)

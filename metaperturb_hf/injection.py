@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .classifier_io import logits_of
 from .modeling_metaperturb import MetaPerturbModel
 
 # Modules treated as activations. transformers wraps its own (GELUActivation, ...) in `transformers.activations`.
@@ -373,9 +374,7 @@ class PerturbedModel(SiteWrapper):
         passes = 1 if self.noise_mode == "mean" and not self.perturbation.training else num_samples
         total = 0.0
         for _ in range(passes):
-            output = self(*args, **kwargs)
-            logits = output.logits if hasattr(output, "logits") else output
-            total = total + logits.softmax(dim=-1)
+            total = total + logits_of(self(*args, **kwargs)).softmax(dim=-1)
         return total / passes
 
     def save_pretrained(self, save_directory: str | Path) -> None:

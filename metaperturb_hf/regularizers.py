@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .classifier_io import classifier_logits, input_name_for
 from .injection import Site, SiteWrapper, resolve_sites
 
 __all__ = [
@@ -58,9 +59,7 @@ class RegularizedModel(SiteWrapper):
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         """Forward `images` positionally, or as `input_name=` for a `transformers` model, and return the logits."""
-        is_transformers = hasattr(getattr(self.model, "config", None), "num_labels")
-        output = self(**{self.input_name: images}) if is_transformers else self(images)
-        return output.logits if hasattr(output, "logits") else output
+        return classifier_logits(self, images, self.input_name if input_name_for(self.model) else None)
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """What the transfer loop minimises: cross-entropy plus the regularizer's own term."""

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .classifier_io import classifier_logits
 from .data import BatchSampler, ImageTensors
 
 
@@ -32,7 +33,7 @@ class TransferConfig:
     seed: int = 0
     augment: bool = True
     log_every: int = 50
-    input_name: str | None = None  # "pixel_values" for transformers classifiers
+    input_name: str | None = None  # detected: "pixel_values" for transformers classifiers
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -51,20 +52,11 @@ def learning_rate_factor(step: int, total_steps: int, decay_at=(0.4, 0.7, 0.9), 
     return factor ** sum(step >= point * total_steps for point in decay_at)
 
 
-def logits_of(output) -> torch.Tensor:
-    """Logits from a plain classifier (a tensor) or a `transformers` one (an output with `.logits`)."""
-    return output.logits if hasattr(output, "logits") else output
-
-
-def call_model(model: nn.Module, images: torch.Tensor, input_name: str | None):
-    return model(**{input_name: images}) if input_name else model(images)
-
-
 def training_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, input_name: str | None = None):
     """The regularizer's own loss when it has one, else cross-entropy of the logits."""
     if hasattr(model, "training_loss"):
         return model.training_loss(images, labels)
-    return F.cross_entropy(logits_of(call_model(model, images, input_name)), labels)
+    return F.cross_entropy(classifier_logits(model, images, input_name), labels)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -77,6 +69,8 @@ def train_classifier(model: nn.Module, train: ImageTensors, config: TransferConf
     device = torch.device(device or next(model.parameters()).device)
     model.to(device)
     num_classes = len(train.class_names)
+    if int(train.labels.max()) >= num_classes:
+        raise ValueError(f"Labels go up to {int(train.labels.max())} but the data names {num_classes} classes.")
     torch.manual_seed(config.seed)
     batches = BatchSampler(train.to(device), seed=config.seed)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -90,8 +84,6 @@ def train_classifier(model: nn.Module, train: ImageTensors, config: TransferConf
         if hasattr(model, "set_noise_coeff"):
             model.set_noise_coeff(noise_coeff_at(step, config.steps, config.anneal_fraction))
         images, labels = batches.next_batch(config.batch_size, augment=config.augment)
-        if step == 0 and int(labels.max()) >= num_classes:
-            raise ValueError(f"Labels go up to {int(labels.max())} but the data names {num_classes} classes.")
         loss = training_loss(model, images, labels, config.input_name)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"The training loss became {loss.item()} at step {step}; lower the learning rate.")
