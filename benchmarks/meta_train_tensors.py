@@ -45,7 +45,7 @@ class BudgetedTrainer(MetaTrainer):
         self.budget_s, self.warmup, self.probe = budget_s, warmup, probe
         self.started = self.probe_started = None
 
-    def _meta_step(self):
+    def _meta_step(self, record: bool = True):
         now = time.time()
         self.started = self.started or now
         if self.step == self.warmup:
@@ -57,7 +57,7 @@ class BudgetedTrainer(MetaTrainer):
             if affordable < self.config.steps:
                 print(f"budget {self.budget_s:.0f} s: cutting steps {self.config.steps} -> {affordable}", flush=True)
                 self.config.steps = max(affordable, self.step + 1)
-        return super()._meta_step()
+        return super()._meta_step(record)
 
 
 def main():

@@ -198,10 +198,10 @@ class MetaTrainer:
     def _autocast(self):
         return self.accelerator.autocast() if self.config.mixed_precision != "no" else nullcontext()
 
-    def _task_step(self, learner: TaskLearner) -> tuple[list[torch.Tensor], dict]:
-        """θ step on the training half, then the φ-gradient on the validation half."""
+    def _task_step(self, learner: TaskLearner, record: bool) -> tuple[list[torch.Tensor], dict]:
+        """θ step on the training half, then the φ-gradient on the validation half (metrics only when `record`)."""
         model, size = learner.model, self.config.batch_size
-        self.phi.monitor = []
+        self.phi.monitor = [] if record else None
         with learner.own_randomness():
             model.train()
             images, labels = learner.train_batches.next_batch(size)
@@ -225,6 +225,8 @@ class MetaTrainer:
                     parameter.grad = grad.detach()
                 learner.optimizer.step()
             model.train()
+        if not record:
+            return phi_grads, {}
         scale, noise = (torch.stack(values).float().mean() for values in zip(*self.phi.monitor))
         self.phi.monitor = None
         metrics = {
@@ -249,11 +251,11 @@ class MetaTrainer:
             valid_logits = functional_call(learner.classifier, fast, (valid_images,))
         return valid_logits, grads
 
-    def _meta_step(self) -> dict:
+    def _meta_step(self, record: bool = True) -> dict:
         summed = [torch.zeros_like(p) for p in self.phi_parameters]
         metrics = {}
         for learner in self.learners:
-            grads, metrics[learner.task.task_id] = self._task_step(learner)
+            grads, metrics[learner.task.task_id] = self._task_step(learner, record)
             for total, grad in zip(summed, grads):
                 total += grad
         # One all-reduce carries the φ-gradients and whether any process was asked to stop.
@@ -289,10 +291,11 @@ class MetaTrainer:
         progress = tqdm(total=config.steps, initial=self.step, disable=not accelerator.is_main_process, desc="meta-training")
         try:
             while self.step < config.steps and not self.interrupted:
-                metrics = self._meta_step()
+                record = (self.step + 1) % config.log_every == 0 or self.step + 1 == config.steps
+                metrics = self._meta_step(record)
                 self.step += 1
                 progress.update(1)
-                if self.step % config.log_every == 0 or self.step == config.steps:
+                if record:
                     self._log(metrics, progress)
                 if self._stop_requested:
                     self.interrupted = True

@@ -4,6 +4,8 @@ This file imports only torch, transformers and its own configuration, so that a 
 carries it can be loaded with `trust_remote_code=True` where `metaperturb_hf` is not installed.
 """
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,7 @@ from transformers import initialization as init
 from .configuration_metaperturb import MetaPerturbConfig
 
 
+@lru_cache(maxsize=4)
 def _gauss_hermite_standard_normal(num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes and weights with `sum(w * f(x)) ≈ E[f(ε)]` for ε ~ N(0, 1) (Golub–Welsch, float64)."""
     off_diagonal = torch.arange(1, num_nodes, dtype=torch.float64).sqrt()
