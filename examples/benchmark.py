@@ -17,19 +17,17 @@ import json
 import math
 import os
 import statistics
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from metaperturb_hf.data import load_image_dataset, subsample_per_class, to_tensors
 from metaperturb_hf.methods import load_perturbation, run_transfer
+from metaperturb_hf.results import (accuracy_cells, confidence_interval, key_of, load_records, markdown_table,
+                                    table_layout)
 from metaperturb_hf.transfer import TransferConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-# Two-sided 95 % Student t quantiles by degrees of freedom; the normal value beyond the table.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-RUN_KEY = ("source", "target", "arch", "method", "seed", "steps", "train_per_class")
 
 
 def parse_targets(spec: str) -> dict:
@@ -63,13 +61,8 @@ def planned_runs(args) -> list[dict]:
     return runs
 
 
-def key_of(record: dict) -> tuple:
-    method = "metaperturb" if record["method"].startswith("metaperturb") else record["method"]
-    return tuple(method if field == "method" else record[field] for field in RUN_KEY)
-
-
 def finished(path: Path) -> tuple[list[dict], set]:
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = load_records(path)
     return records, {key_of(record) for record in records}
 
 
@@ -98,45 +91,16 @@ def run_grid(args) -> None:
               + ", ".join(f"{r['method']} {100 * r['accuracy']:.2f}" for r in records), flush=True)
 
 
-def confidence_interval(values: list[float]) -> float:
-    if len(values) < 2:
-        return float("nan")
-    return T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def column_name(record: dict) -> str:
-    return f"{record['method']} [{record['source']}]" if record["source"] != "-" else record["method"]
-
-
 def report(name: str, results_dir: Path = RESULTS) -> str:
-    """Markdown table: rows (target, arch), columns methods, cells mean ± 95 % CI in %, best per row in bold."""
+    """Write <name>.md (the table of metaperturb_hf.results.markdown_table) and <name>.png; return the table."""
     results_dir = Path(results_dir)
     records, _ = finished(results_dir / f"{name}.jsonl")
     if not records:
         raise ValueError(f"No records in {results_dir / f'{name}.jsonl'} yet.")
-    cells = defaultdict(list)
-    for record in records:
-        cells[(record["target"], record["arch"], column_name(record))].append(100 * record["accuracy"])
-    rows = sorted({(t, a) for t, a, _ in cells})
-    columns = sorted({c for _, _, c in cells}, key=lambda c: (c != "none", c))
-    steps = sorted({r["steps"] for r in records})
-    lines = [f"Test accuracy (%), mean ± 95 % CI over seeds (n in parentheses); {steps} steps; best per row in bold.",
-             "", "| target | network | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for target, arch in rows:
-        means = {c: statistics.mean(cells[(target, arch, c)]) for c in columns if cells.get((target, arch, c))}
-        best = max(means, key=means.get)
-        row = []
-        for column in columns:
-            values = cells.get((target, arch, column))
-            if not values:
-                row.append("–")
-                continue
-            text = f"{statistics.mean(values):.2f} ± {confidence_interval(values):.2f} ({len(values)})"
-            row.append(f"**{text}**" if column == best else text)
-        lines.append(f"| {target} | {arch} | " + " | ".join(row) + " |")
-    table = "\n".join(lines) + "\n"
+    table = markdown_table(records)
     (results_dir / f"{name}.md").write_text(table)
-    plot(cells, rows, columns, results_dir / f"{name}.png")
+    cells = accuracy_cells(records)
+    plot(cells, *table_layout(cells), results_dir / f"{name}.png")
     return table
 
 

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     output.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: never)")
     output.add_argument("--log-every", type=int, default=10)
     output.add_argument("--resume", nargs="?", const="latest", help="continue from the latest checkpoint (or a path)")
-    output.add_argument("--push-to-hub", metavar="REPO", help="publish the final φ to this hub repository")
+    output.add_argument("--push-to-hub", metavar="REPO", help="publish the final φ and its card to this hub repo")
     return parser.parse_args(argv)
 
 
@@ -85,10 +85,14 @@ def main(argv=None):
     if trainer.interrupted:
         sys.exit(130)
     if args.push_to_hub and accelerator.is_main_process:
-        from metaperturb_hf.hub import push_perturbation_folder
+        from metaperturb_hf.hub import HubError, push_perturbation_folder
 
-        url = push_perturbation_folder(Path(args.output_dir), args.push_to_hub)
-        accelerator.print(f"Published to {url}")
+        try:
+            url = push_perturbation_folder(Path(args.output_dir), args.push_to_hub)
+        except HubError as error:
+            sys.exit(f"{error}\nφ is still in {args.output_dir}; publish it later with "
+                     f"metaperturb_hf.hub.push_perturbation_folder({str(args.output_dir)!r}, {args.push_to_hub!r}).")
+        accelerator.print(f"Published φ with its model card to {url}")
     accelerator.print(f"φ written to {args.output_dir} (save_pretrained + meta_training.json)")
 
 

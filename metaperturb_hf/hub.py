@@ -1,27 +1,295 @@
-"""Publishing perturbation functions to the Hugging Face Hub."""
+"""Publishing to the Hugging Face Hub: perturbation functions with their model cards, and perturbed classifiers.
 
-from pathlib import Path
+A push builds its card in memory and uploads it in the same commit as the weights, so the local folder is never
+changed, whether the push works or not. Pushes and downloads that fail raise `HubError`, which names the step or
+file that failed, the repository, the endpoint and the reason (HTTP status and server message, or the connection
+error).
+"""
 
-from huggingface_hub import HfApi
+import hashlib
+import json
+import re
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path, PurePosixPath
 
-# What a released φ folder holds, by exact top-level name (fnmatch's `*` would also match checkpoints/.../x.py).
-RELEASE_PATTERNS = [
-    "config.json",
-    "model.safetensors",
-    "configuration_metaperturb.py",
-    "modeling_metaperturb.py",
-    "meta_training.json",
-    "README.md",
-]
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
+
+from .injection import PerturbedModel
+from .meta_training import META_TRAINING_FILE
+from .results import accuracy_cells, markdown_table
+
+LIBRARY_NAME = "metaperturb-hf"
+TAGS = ["metaperturb", "meta-learning", "regularization", "image-classification"]
+CARD_NAME = "README.md"
+WEIGHTS_NAME = "model.safetensors"
+# What a released φ folder holds besides its card, by exact name (a glob would also pick up checkpoints/.../x.py).
+RELEASE_FILES = ("config.json", WEIGHTS_NAME, "configuration_metaperturb.py", "modeling_metaperturb.py",
+                 META_TRAINING_FILE)
+PAPER = ("Ryu, Shin, Lee, Hwang: \"MetaPerturb: Transferable Regularizer for Heterogeneous Tasks and "
+         "Architectures\", NeurIPS 2020")
+CITATION = """@inproceedings{ryu2020metaperturb,
+  title     = {MetaPerturb: Transferable Regularizer for Heterogeneous Tasks and Architectures},
+  author    = {Ryu, Jeongun and Shin, Jaewoong and Lee, Hae Beom and Hwang, Sung Ju},
+  booktitle = {Advances in Neural Information Processing Systems},
+  volume    = {33},
+  year      = {2020}
+}"""
+_AUTH_HINT = " (authorisation refused: check the token in HF_TOKEN or `hf auth login`, and its write access)"
+
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A MetaPerturb perturbation function φ ({{ paper }}): 82 parameters that multiply the feature maps of a
+convolutional classifier (or an MLP) with learned, input-dependent noise, shared by every layer. It is meta-learned
+once on a source dataset split into many tasks, then frozen and plugged into the training of other networks on other
+data as a regularizer. Library: `metaperturb-hf`.
+
+{{ weights }}
+
+## Meta-training
+
+{{ facts }}
+
+## Usage
+
+```python
+from transformers import ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments
+from metaperturb_hf import MetaPerturbModel, add_perturbation
+from metaperturb_hf.transfer import MetaPerturbCallback
+
+phi = MetaPerturbModel.from_pretrained("{{ location }}")
+model = add_perturbation(ResNetForImageClassification(ResNetConfig(num_labels=10)), phi)  # φ stays frozen
+trainer = Trainer(model=model, args=TrainingArguments("out", max_steps=1000, remove_unused_columns=False),
+                  train_dataset=train_dataset, callbacks=[MetaPerturbCallback()])  # anneals the noise in
+trainer.train()
+probabilities = model.predict_proba(pixel_values, num_samples=10)  # softmax averaged over noise samples
+model.save_pretrained("resnet-metaperturb")  # classifier, φ and every site's running statistics
+```
+
+Without the package, `AutoModel.from_pretrained("{{ location }}", trust_remote_code=True)` loads φ with the
+code files stored beside the weights.
+
+## Results
+
+{{ results }}
+
+## Limitations
+
+- φ was learned from {{ source_dataset }}{{ at_size }}; whether it helps depends on the target data, the network
+  and the schedule, so compare against training without it (the tables above do).
+- The noise stays on at test time: average `predict_proba` over several samples, as the paper does (100). A single
+  noisy pass (`num_samples=1`) is cheaper but can be far less accurate.
+- A training step with φ costs several times a plain one (the project's `benchmarks/overhead.py` measures it).
+- The data φ was learned from keeps its own terms of use.{{ comparison }}
+
+## Citation
+
+{{ paper }}.
+
+```bibtex
+{{ citation }}
+```
+"""
 
 
-def push_perturbation_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
-    """Upload the φ written by `save_pretrained` (plus its meta_training.json) to `repo_id` in one commit."""
+class HubError(RuntimeError):
+    """A push or download that failed; the message says which step or file, where, and why."""
+
+
+def _reason(error: BaseException) -> str:
+    """The HTTP status and server message of the first answer in the exception chain, else the root error."""
+    chain = [error]
+    while (link := chain[-1].__cause__ or chain[-1].__context__) is not None and link not in chain:
+        chain.append(link)
+    for link in chain:
+        response = getattr(link, "response", None)
+        if response is not None and getattr(response, "status_code", None):
+            message = response.headers.get("X-Error-Message") or getattr(response, "reason_phrase", "")
+            hint = _AUTH_HINT if response.status_code in (401, 403) else ""
+            return f"the server answered HTTP {response.status_code} ({message}){hint}"
+    return f"{type(chain[-1]).__name__}: {str(chain[-1]).rstrip('.')}"
+
+
+# --------------------------------------------------------------------------------------------------------- the card
+def _text(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(map(_text, value))
+    return str(value).replace("|", "\\|")
+
+
+def meta_training_facts(meta_training: dict) -> dict[str, str]:
+    """The card's meta-training table: every entry of meta_training.json but the class lists, nested ones as a.b."""
+    facts = {}
+    for key, value in meta_training.items():
+        if key == "tasks":
+            continue
+        if isinstance(value, dict):
+            facts.update({f"{key}.{inner}": _text(v) for inner, v in value.items()})
+        else:
+            facts[key] = _text(value)
+    return facts
+
+
+def _facts_table(meta_training: dict) -> str:
+    facts = meta_training_facts(meta_training)
+    if not facts:
+        return f"No meta-training record ({META_TRAINING_FILE}) came with these weights."
+    return "| entry | value |\n|---|---|\n" + "\n".join(f"| `{key}` | {value} |" for key, value in facts.items())
+
+
+def _results(results: dict[str, list[dict]], source: str | None) -> tuple[str, list[EvalResult], str]:
+    """Per records file, the benchmark table's rows where φ `source` ran; its means as eval results; a tally."""
+    sections, evals, wins, comparisons = [], [], 0, 0
+    for label, records in (results or {}).items():
+        mine = [r for r in records if source is not None and r["source"] == source]
+        steps = defaultdict(set)
+        for record in mine:
+            steps[(record["target"], record["arch"])].add(record["steps"])
+        if not steps:
+            continue
+        shown = [r for r in records if (r["target"], r["arch"]) in steps]
+        sections.append(f"From `{label}`:\n\n{markdown_table(shown)}")
+        baseline = accuracy_cells([r for r in shown if r["method"] == "none"])
+        for (target, arch, column), values in sorted(accuracy_cells(mine).items()):
+            mean = statistics.mean(values)
+            evals.append(EvalResult(
+                task_type="image-classification",
+                task_name=f"{arch} trained on {target}, {_text(sorted(steps[(target, arch)]))} steps",
+                dataset_type=target, dataset_name=target, dataset_split="test", metric_type="accuracy",
+                metric_name=f"{column}, accuracy (%), mean of {len(values)} seeds", metric_value=round(mean, 2)))
+            if column == f"metaperturb [{source}]" and (target, arch, "none") in baseline:
+                comparisons += 1
+                wins += mean > statistics.mean(baseline[(target, arch, "none")])
+    if not sections:
+        return f"No transfer results recorded for this φ yet (no benchmark record has `source` `{source}`).", [], ""
+    text = (f"Transfer runs whose `source` is `{source}`, beside the other methods of the same rows; the model-index "
+            "holds the means of this φ's columns.\n\n" + "\n".join(sections))
+    comparison = (f"\n- In these records, MetaPerturb with this φ (MC evaluation) beats training without a "
+                  f"regularizer in {wins} of {comparisons} settings." if comparisons else "")
+    return text, evals, comparison
+
+
+def build_model_card(meta_training: dict, results: dict[str, list[dict]] | None = None, *, model_name: str,
+                     location: str | None = None, source: str | None = None, weights_sha256: str | None = None,
+                     obtain: str | None = None, license: str = "apache-2.0") -> ModelCard:
+    r"""
+    The model card of one φ.
+
+    Args:
+        meta_training: the run's meta_training.json (its entries become the card's meta-training table).
+        results: transfer records by the file they came from (see `metaperturb_hf.results`); each file gets the rows
+            of its benchmark table where `source` ran, and this φ's means become model-index eval results.
+        model_name: the card's title and model-index name; `location` (default: `model_name`) is what the usage
+            snippet loads.
+        weights_sha256: the sha256 of model.safetensors, shown so a reader can check the weights against the card.
+        obtain: markdown that says how to get the weights, for a card published without them.
+    """
+    text, evals, comparison = _results(results, source)
+    if obtain is not None:
+        weights = obtain
+    elif weights_sha256 is not None:
+        weights = f"Weights: `{WEIGHTS_NAME}`, sha256 `{weights_sha256}`."
+    else:
+        weights = ""
+    source_dataset = meta_training.get("source_dataset") or "the source dataset"
+    # Card metadata names a dataset only by its hub id; a local path or a description stays in the body.
+    is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", source_dataset) and not Path(source_dataset).exists()
+    data = ModelCardData(library_name=LIBRARY_NAME, license=license, tags=TAGS, metrics=["accuracy"],
+                         datasets=[source_dataset] if is_hub_id else None,
+                         model_name=model_name if evals else None, eval_results=evals or None)
+    return ModelCard.from_template(
+        data, template_str=_TEMPLATE, model_name=model_name, location=location or model_name, paper=PAPER,
+        weights=weights, facts=_facts_table(meta_training), results=text, source_dataset=source_dataset,
+        at_size=f" at {size}×{size} pixels" if (size := meta_training.get("image_size")) else "",
+        comparison=comparison, citation=CITATION)
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def card_for_folder(folder: str | Path, model_name: str, results: dict[str, list[dict]] | None = None,
+                    source: str | None = None, location: str | None = None) -> ModelCard:
+    """The card of a φ saved in `folder` (save_pretrained + meta_training.json)."""
     folder = Path(folder)
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{folder} holds no saved perturbation function (config.json + model.safetensors).")
-    api = HfApi()
-    url = api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=RELEASE_PATTERNS,
-                      commit_message="Upload MetaPerturb perturbation function")
+    record = folder / META_TRAINING_FILE
+    meta_training = json.loads(record.read_text()) if record.is_file() else {}
+    return build_model_card(meta_training, results, model_name=model_name, location=location, source=source,
+                            weights_sha256=file_sha256(folder / WEIGHTS_NAME))
+
+
+# ------------------------------------------------------------------------------------------------------------- push
+def _push(files: dict[str, Path | bytes], repo_id: str, what: str, message: str, private: bool, token) -> str:
+    """Create `repo_id` if needed and upload `files` ({path in repo: local file or bytes}) in one commit."""
+    api = HfApi(token=token)
+    step = "creating the repository"
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        step = f"uploading {len(files)} files in one commit"
+        api.create_commit(repo_id, [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
+                                    for name, content in files.items()], commit_message=message)
+    except Exception as error:
+        raise HubError(f"Pushing {what} to {repo_id} on {constants.ENDPOINT} failed while {step}: {_reason(error)}. "
+                       f"Nothing local was changed.") from error
     return str(url)
+
+
+def push_perturbation_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload the φ written by meta-training (save_pretrained + meta_training.json) with its card, in one commit.
+
+    The card is the folder's README.md when it has one (as hub_cards/ folders do), else built from
+    meta_training.json; nothing is written to the folder. Returns the repository URL.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{folder} holds no saved perturbation function (config.json + {WEIGHTS_NAME}).")
+    files = {name: folder / name for name in RELEASE_FILES if (folder / name).is_file()}
+    readme = folder / CARD_NAME
+    files[CARD_NAME] = readme if readme.is_file() else card_for_folder(folder, repo_id).content.encode()
+    return _push(files, repo_id, str(folder), "Upload MetaPerturb perturbation function", private, token)
+
+
+def push_perturbed_model(perturbed: PerturbedModel, repo_id: str, private: bool = False,
+                         token: str | None = None) -> str:
+    """Upload a perturbed `transformers` classifier (classifier, φ, site layout and statistics) in one commit."""
+    with tempfile.TemporaryDirectory() as directory:
+        perturbed.save_pretrained(directory)
+        root = Path(directory)
+        files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+        return _push(files, repo_id, f"the perturbed {type(perturbed.model).__name__}",
+                     "Upload classifier trained with MetaPerturb", private, token)
+
+
+# --------------------------------------------------------------------------------------------------------- download
+def download_repo(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
+    """Every file of `repo_id` at one commit into the hub cache, one by one so that a failure names its file."""
+    api = HfApi(token=token)
+    where = f"{repo_id}@{revision or 'main'} on {constants.ENDPOINT}"
+    try:
+        info = api.model_info(repo_id, revision=revision)
+    except Exception as error:
+        raise HubError(f"Looking up {where} failed: {_reason(error)}.") from error
+    names = sorted(s.rfilename for s in info.siblings if s.rfilename != ".gitattributes")
+    if not names:
+        raise HubError(f"{where} holds no files.")
+    for name in names:
+        try:
+            path = hf_hub_download(repo_id, name, revision=info.sha, token=token)
+        except Exception as error:
+            raise HubError(f"Downloading {name} from {where} (commit {info.sha}) failed: {_reason(error)}.") from error
+    return Path(path).parents[len(PurePosixPath(name).parts) - 1]
+
+
+def load_perturbed_model(repo_id: str, revision: str | None = None, token: str | None = None,
+                         model=None) -> PerturbedModel:
+    """What `push_perturbed_model` uploaded, loaded back (the classifier by AutoModelForImageClassification)."""
+    return PerturbedModel.from_pretrained(download_repo(repo_id, revision, token), model=model)

@@ -27,6 +27,11 @@ Reliability hooks: `server.fail_next(method, path_regex, status=500 | "drop", ti
 request(s) answer that status (with `X-Error-Code: InjectedFault`) or close the connection without answering;
 `server.requests` logs every request (method, path, query, status, fault) for assertions.
 
+Authorisation: by default any token (or none) is accepted. `HubServer(tokens={"hf_x": "write", "hf_y": "read"})`
+answers 401 "Invalid credentials in Authorization header" to a request without a listed token, and 403 to a
+write (POST, PUT or DELETE, except paths-info and validate-yaml) with a read token. LFS transfers (`/_lfs/`) stand
+for the real Hub's pre-signed storage URLs and are not checked.
+
 Fixture: `hub` (function scope; `from hub_server import hub` in a test module) starts a fresh server and returns a
 `Hub` with `.server` (the HubServer), `.endpoint`, `.env` (os.environ plus HF_ENDPOINT, HF_HOME=<tmp>/hf_home,
 HF_TOKEN=hf_dummy, HF_HUB_DISABLE_TELEMETRY/XET/PROGRESS_BARS=1, NO_PROXY, HF_HUB_OFFLINE=0), `.home` and
@@ -179,9 +184,11 @@ def _not_found(code: str, message: str) -> _HttpError:
 class HubServer:
     """The emulator. `start()` serves on 127.0.0.1 (a free port unless one is given); `stop()` shuts it down."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, user: str = DEFAULT_USER, lfs_patterns=()):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, user: str = DEFAULT_USER, lfs_patterns=(),
+                 tokens: dict[str, str] | None = None):
         self.user = user
         self.lfs_patterns = list(lfs_patterns)   # fnmatch patterns answered uploadMode "lfs" at preupload
+        self.tokens = tokens                     # token -> "read" | "write"; None accepts any request
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content
         self.requests: list[LoggedRequest] = []
@@ -280,6 +287,16 @@ class HubServer:
                     return fault
         return None
 
+    def _check_token(self, method: str, path: str, headers: dict) -> None:
+        if self.tokens is None or path.startswith("/_lfs/"):
+            return
+        role = self.tokens.get(headers.get("authorization", "").removeprefix("Bearer ").strip())
+        if role is None:
+            raise _HttpError(401, "Invalid credentials in Authorization header")
+        reads = ("/paths-info/", "/api/validate-yaml")
+        if role != "write" and method in ("POST", "PUT", "DELETE") and not any(r in path for r in reads):
+            raise _HttpError(403, f"You don't have the rights to write to {path}: this token is read-only")
+
     def _url_prefix(self, repo_type: str) -> str:
         return "" if repo_type == "model" else f"{repo_type}s/"
 
@@ -362,6 +379,10 @@ def _make_handler(server: HubServer):
                 record.fault = "status"
                 return self._error(record, _HttpError(fault.status, "Injected fault", "InjectedFault"))
 
+            try:
+                server._check_token(self.command, split.path, headers)
+            except _HttpError as error:
+                return self._error(record, error)
             for method, pattern, name in _API_ROUTES:
                 match = pattern.match(split.path)
                 if method == self.command and match:

@@ -5,16 +5,24 @@ already imported it offline (conftest.py). Subprocesses are few and do several s
 for importing torch and transformers.
 """
 
+import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+from conftest_data import image_dataset
+from huggingface_hub import ModelCard
 from hub_server import Hub, hub, running_hub  # noqa: F401  (hub is a fixture)
+
+from metaperturb_hf.hub import LIBRARY_NAME, TAGS, meta_training_facts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHI_REPO = "testuser/phi"
+RELEASE_REPO = "testuser/phi-release"
+PERTURBED_REPO = "testuser/resnet-perturbed"
 
 _FORWARD = r'''
 import sys, torch
@@ -62,6 +70,37 @@ out["main_sha"] = HfApi().repo_info(repo).sha
 out["at_first_state"] = state(MetaPerturbModel.from_pretrained(repo, revision=out["first_sha"]))
 out["at_main_state"] = state(AutoModel.from_pretrained(repo))
 torch.save(out, io / "pushed.pt")
+'''
+
+# A perturbed transformers classifier whose BatchNorm and site statistics have moved: pushed, loaded back, evaluated
+# with the deterministic "mean" noise and with sampled noise under one seed.
+_PERTURBED = r'''
+from transformers import ResNetConfig, ResNetForImageClassification
+from metaperturb_hf import add_perturbation
+from metaperturb_hf.hub import load_perturbed_model, push_perturbed_model
+torch.manual_seed(0)
+config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
+perturbed = add_perturbation(ResNetForImageClassification(config), MetaPerturbModel(MetaPerturbConfig(initializer_range=0.1)))
+images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+perturbed.train()
+with torch.no_grad():
+    for _ in range(3):
+        perturbed(pixel_values=images)
+
+def evaluate(model):
+    model.eval()
+    outputs = []
+    for mode in ("mean", "sample"):
+        model.set_noise_mode(mode)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            outputs.append(model(pixel_values=images).logits)
+    return outputs
+
+out = {"url": push_perturbed_model(perturbed, sys.argv[4]), "before": evaluate(perturbed), "state_before": state(perturbed)}
+loaded = load_perturbed_model(sys.argv[4])
+out.update(after=evaluate(loaded), state_after=state(loaded), classifier=type(loaded.model).__name__)
+torch.save(out, io / "perturbed.pt")
 '''
 
 # Without the package (blocked in sys.modules, not on PYTHONPATH, cwd elsewhere) and with an empty cache.
@@ -129,9 +168,9 @@ def _assert_same_state(actual: dict, expected: dict) -> None:
 
 @pytest.fixture(scope="module")
 def phi_hub(tmp_path_factory):
-    """One emulator (safetensors marked LFS, as on the real Hub): testuser/phi pushed twice by the package, then
-    loaded without it; then a meta-training output folder pushed with push_perturbation_folder.
-    Returns (hub, pushed results, remote results, requests of the pushing step, (folder, release report))."""
+    """One emulator (safetensors marked LFS, as on the real Hub): testuser/phi pushed twice by the package, a
+    meta-training output folder pushed with push_perturbation_folder, a perturbed classifier pushed and loaded back;
+    then testuser/phi loaded without the package. Returns a dict of what each step recorded."""
     root = tmp_path_factory.mktemp("phi_hub")
     io = root / "io"
     io.mkdir()
@@ -141,21 +180,22 @@ def phi_hub(tmp_path_factory):
                 "running_mean": torch.rand(5, 4, generator=generator),
                 "running_var": torch.rand(5, 4, generator=generator)}, io / "inputs.pt")
     with running_hub(root, lfs_patterns=["*.safetensors"]) as hub:
-        hub.run_python(_PUSH_AND_LOAD + _PUSH_FOLDER_DEF + _RELEASE, PHI_REPO, io, RELEASE_REPO,
-                       env=_env_with_package(hub))
+        hub.run_python(_PUSH_AND_LOAD + _OUTPUT_DEF + _RELEASE + _PERTURBED, PHI_REPO, io, RELEASE_REPO,
+                       PERTURBED_REPO, env=_env_with_package(hub))
         pushed = torch.load(io / "pushed.pt", weights_only=True)
-        release = json.loads((io / "release.json").read_text())
         push_requests = list(hub.server.requests)
         elsewhere = root / "elsewhere"
         elsewhere.mkdir()
         hub.run_python(_REMOTE_CODE, PHI_REPO, io, pushed["first_sha"], cwd=elsewhere,
                        env=_env_without_package(hub, root / "fresh_hf_home"))
-        remote = torch.load(io / "remote.pt", weights_only=True)
-        yield hub, pushed, remote, push_requests, (io / "output", release)
+        yield {"hub": hub, "pushed": pushed, "remote": torch.load(io / "remote.pt", weights_only=True),
+               "push_requests": push_requests, "folder": io / "output",
+               "release": json.loads((io / "release.json").read_text()),
+               "perturbed": torch.load(io / "perturbed.pt", weights_only=True)}
 
 
 def test_push_then_remote_code_load_without_package_gives_identical_outputs(phi_hub):
-    hub, pushed, remote, _, _ = phi_hub
+    hub, pushed, remote = phi_hub["hub"], phi_hub["pushed"], phi_hub["remote"]
     assert remote["package_importable"] is False
     assert remote["module"].startswith("transformers_modules.") and remote["model_type"] == "metaperturb"
     assert any(path.endswith("modeling_metaperturb.py") for path in remote["code_after_load"])
@@ -178,24 +218,25 @@ def test_push_then_remote_code_load_without_package_gives_identical_outputs(phi_
 
 
 def test_package_loads_without_trust_remote_code(phi_hub):
-    _, pushed, _, push_requests, _ = phi_hub
+    pushed = phi_hub["pushed"]
     _assert_same_state(pushed["class_state"], pushed["first_state"])
     _assert_same_state(pushed["auto_state"], pushed["first_state"])
     assert torch.equal(pushed["class_out"], pushed["first_out"])
     assert torch.equal(pushed["auto_out"], pushed["first_out"])
-    # The package's own classes were used: no code file was ever downloaded in that process.
-    assert not [r for r in push_requests if r.method == "GET" and r.path.endswith(".py")]
+    # The package's own classes were used: no code file of testuser/phi was ever downloaded in that process.
+    assert not [r for r in phi_hub["push_requests"] if r.method == "GET" and r.path.startswith(f"/{PHI_REPO}/")
+                and r.path.endswith(".py")]
 
 
 def test_load_refuses_remote_code_without_trust_remote_code(phi_hub):
-    _, _, remote, _, _ = phi_hub
+    remote = phi_hub["remote"]
     assert remote["refusal"] is not None and "trust_remote_code=True" in remote["refusal"]
     assert remote["modules_after_refusal"] == []   # nothing from the repo was imported...
     assert remote["code_after_refusal"] == []      # ...or even downloaded
 
 
 def test_second_push_is_a_new_commit_and_old_revision_stays_loadable(phi_hub):
-    hub, pushed, _, _, _ = phi_hub
+    hub, pushed = phi_hub["hub"], phi_hub["pushed"]
     first, second = pushed["first_sha"], pushed["second_sha"]
     assert first != second and pushed["main_sha"] == second
     initial, *pushes = hub.server.commit_shas(PHI_REPO)
@@ -210,24 +251,40 @@ def test_second_push_is_a_new_commit_and_old_revision_stays_loadable(phi_hub):
     assert "model.safetensors" in second_commit_paths and "config.json" not in second_commit_paths
 
 
+def test_perturbed_classifier_pushed_and_loaded_back_gives_identical_eval_outputs(phi_hub):
+    hub, perturbed = phi_hub["hub"], phi_hub["perturbed"]
+    assert perturbed["url"] == f"{hub.endpoint}/{PERTURBED_REPO}"
+    assert perturbed["classifier"] == "ResNetForImageClassification"
+    _assert_same_state(perturbed["state_after"], perturbed["state_before"])
+    means = [v for k, v in perturbed["state_before"].items() if k.startswith("site_statistics.") and k.endswith("_mean")]
+    assert means and all(v.abs().sum() > 0 for v in means)   # the site statistics left their initial zeros
+    for before, after in zip(perturbed["before"], perturbed["after"]):     # "mean" noise, then sampled noise
+        assert torch.equal(before, after)
+    assert not torch.equal(*perturbed["before"])
+    files = hub.server.files(PERTURBED_REPO)
+    assert {"config.json", "model.safetensors", "perturbation/config.json", "perturbation/model.safetensors",
+            "perturbation_sites.json", "perturbation_sites.safetensors"} <= set(files)
+    assert len(hub.server.commit_shas(PERTURBED_REPO)) == 2   # initial commit + one upload commit
+
+
 # ------------------------------------------------------------------------------------------- push_perturbation_folder
 RELEASE = {"config.json", "model.safetensors", "configuration_metaperturb.py", "modeling_metaperturb.py",
            "meta_training.json"}
-RELEASE_REPO = "testuser/phi-release"
+META_TRAINING = {"steps": 2, "num_tasks": 2, "image_size": 16}
 
-# Builds what meta-training leaves in output_dir (φ via save_pretrained, meta_training.json, checkpoints/, logs/),
-# then pushes it `attempts` times with push_perturbation_folder, recording each outcome and the folder's digests.
-_PUSH_FOLDER_DEF = r'''
+# What meta-training leaves in output_dir (φ via save_pretrained, meta_training.json, checkpoints/, logs/), the
+# folder's digests, and one call's outcome as a dict (the HubError's message and the error it was raised from).
+_OUTPUT_DEF = r"""
 import hashlib, json, sys, torch
 from pathlib import Path
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel
 from metaperturb_hf.hub import push_perturbation_folder
 
-def push_folder(folder, repo, attempts):
+def make_output(folder):
     torch.manual_seed(0)
     phi = MetaPerturbModel(MetaPerturbConfig(initializer_range=0.1))
     phi.save_pretrained(folder)
-    (folder / "meta_training.json").write_text(json.dumps({"steps": 2, "num_tasks": 2}))
+    (folder / "meta_training.json").write_text(json.dumps(%s))
     checkpoint = folder / "checkpoints" / "checkpoint-2"
     phi.save_pretrained(checkpoint / "perturbation")
     torch.save({"step": 2}, checkpoint / "trainer_state.pt")
@@ -235,27 +292,24 @@ def push_folder(folder, repo, attempts):
     (folder / "logs").mkdir()
     (folder / "logs" / "metrics.jsonl").write_text('{"step": 1, "valid_loss": 1.0}\n')
 
-    def digest():
-        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(folder.rglob("*")) if p.is_file()}
+def digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    report = {"before": digest(), "attempts": []}
-    for _ in range(attempts):
-        try:
-            report["attempts"].append({"ok": str(push_perturbation_folder(folder, repo))})
-        except Exception as error:
-            response = getattr(error, "response", None)
-            report["attempts"].append({"error": type(error).__name__, "status": getattr(response, "status_code", None),
-                                       "message": str(error)[:500]})
-    report["after"] = digest()
-    return report
-'''
-_RELEASE = r'''
-(io / "release.json").write_text(json.dumps(push_folder(io / "output", sys.argv[3], 1)))
-'''
-_PUSH_FOLDER = _PUSH_FOLDER_DEF + r'''
-print("REPORT=" + json.dumps(push_folder(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))))
-'''
+def attempt(call):
+    try:
+        return {"ok": call()}
+    except Exception as error:
+        cause = error.__cause__
+        return {"error": type(error).__name__, "cause": type(cause).__name__ if cause else None, "message": str(error)}
+""" % json.dumps(META_TRAINING)
+_RELEASE = r"""
+make_output(io / "output")
+release = {"before": digest(io / "output")}
+release["attempt"] = attempt(lambda: push_perturbation_folder(io / "output", sys.argv[3]))
+release["after"] = digest(io / "output")
+(io / "release.json").write_text(json.dumps(release))
+"""
 
 
 def _report(proc) -> dict:
@@ -263,45 +317,125 @@ def _report(proc) -> dict:
     return json.loads(line[len("REPORT="):])
 
 
-def test_push_perturbation_folder_uploads_the_release_files(phi_hub):
-    hub, pushed, _, _, (folder, report) = phi_hub
-    assert report["attempts"] == [{"ok": f"{hub.endpoint}/{RELEASE_REPO}"}]
+def test_push_perturbation_folder_uploads_the_release_files_and_card(phi_hub):
+    hub, pushed, folder, release = phi_hub["hub"], phi_hub["pushed"], phi_hub["folder"], phi_hub["release"]
+    assert release["attempt"] == {"ok": f"{hub.endpoint}/{RELEASE_REPO}"}
     files = hub.server.files(RELEASE_REPO)
-    assert RELEASE <= set(files)
+    assert set(files) == RELEASE | {".gitattributes", "README.md"}   # no logs/, checkpoints/ or *.pt
     for name in RELEASE:
         assert files[name] == (folder / name).read_bytes(), name
-    assert not [p for p in files if p.startswith("logs/")]
-    assert not [p for p in files if p.endswith((".pt", ".jsonl"))]
-    assert "checkpoints/checkpoint-2/perturbation/model.safetensors" not in files
     assert len(hub.server.commit_shas(RELEASE_REPO)) == 2   # initial commit + one upload commit
-    # The weights went by LFS, and the object was already stored (same φ as the first push of testuser/phi): only
-    # the two pushes of testuser/phi uploaded LFS content.
+    # The card was built in memory from meta_training.json: the folder is as meta-training left it.
+    assert release["after"] == release["before"] and "README.md" not in release["after"]
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == LIBRARY_NAME and card.data.tags == TAGS
+    for key, value in meta_training_facts(META_TRAINING).items():
+        assert f"| `{key}` | {value} |" in card.text
+    assert f"sha256 `{hashlib.sha256(files['model.safetensors']).hexdigest()}`" in card.text
+    assert f'MetaPerturbModel.from_pretrained("{RELEASE_REPO}")' in card.text
+    # The weights went by LFS, and their object was already stored by the first push of testuser/phi (same φ).
     assert hub.server.get_repo(RELEASE_REPO).resolve("main").files["model.safetensors"].lfs
     assert files["model.safetensors"] == hub.server.files(PHI_REPO, pushed["first_sha"])["model.safetensors"]
-    assert len(hub.server.requests_matching("PUT", r"^/_lfs/")) == 2
+    oid = hashlib.sha256(files["model.safetensors"]).hexdigest()
+    assert len(hub.server.requests_matching("PUT", rf"^/_lfs/{oid}$")) == 1
 
 
-def test_push_perturbation_folder_uploads_nothing_from_checkpoints(phi_hub):
-    hub = phi_hub[0]
-    files = hub.server.files(RELEASE_REPO)
-    assert [p for p in files if p.startswith("checkpoints/")] == []
+# A push that fails in every way the brief names, then downloads that fail; the folder's digests around them all.
+_FAILURES = _OUTPUT_DEF + r"""
+import huggingface_hub.constants as constants
+from metaperturb_hf.hub import download_repo
+folder, repo, closed = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+make_output(folder)
+report = {"before": digest(folder), "push": {}, "download": {}}
+
+def push(token=None):
+    return push_perturbation_folder(folder, repo, token=token)
+
+for name, call in [("server error", push), ("connection dropped", push), ("read-only token", lambda: push("hf_reader")),
+                   ("unknown token", lambda: push("hf_wrong")), ("ok", push)]:
+    report["push"][name] = attempt(call)
+live, constants.ENDPOINT = constants.ENDPOINT, closed
+report["push"]["connection refused"] = attempt(push)
+report["download"]["connection refused"] = attempt(lambda: str(download_repo(repo)))
+constants.ENDPOINT = live
+report["download"]["server error"] = attempt(lambda: str(download_repo(repo)))
+report["download"]["no such repo"] = attempt(lambda: str(download_repo("testuser/none")))
+report["download"]["ok"] = attempt(lambda: sorted(p.name for p in download_repo(repo).iterdir()))
+report["after"] = digest(folder)
+print("REPORT=" + json.dumps(report))
+"""
 
 
-def test_failed_commit_raises_and_leaves_the_folder_intact(hub, tmp_path):
-    hub.server.fail_next("POST", r"/commit/", status=500)
-    hub.server.fail_next("POST", r"/commit/", status="drop")
-    proc = hub.run_python(_PUSH_FOLDER, tmp_path / "output", "testuser/phi-flaky", 3, env=_env_with_package(hub))
-    report = _report(proc)
-    first, second, third = report["attempts"]
-    assert first["error"] == "HfHubHTTPError" and first["status"] == 500, first
-    assert "error" in second, second                       # connection closed without an answer
-    assert third == {"ok": f"{hub.endpoint}/testuser/phi-flaky"}
-    assert report["after"] == report["before"]
-    commits = hub.server.requests_matching("POST", r"/commit/")
-    assert [(r.status, r.fault) for r in commits] == [(500, "status"), (None, "drop"), (200, None)]
-    # The failed attempts created nothing: initial commit + the one successful upload.
-    assert len(hub.server.commit_shas("testuser/phi-flaky")) == 2
-    assert RELEASE <= set(hub.server.files("testuser/phi-flaky"))
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_failed_pushes_and_downloads_say_what_failed_and_leave_the_folder_intact(tmp_path):
+    repo = "testuser/phi-flaky"
+    with running_hub(tmp_path, tokens={"hf_dummy": "write", "hf_reader": "read"}) as hub:
+        hub.server.fail_next("POST", r"/commit/", status=500)
+        hub.server.fail_next("POST", r"/commit/", status="drop")
+        hub.server.fail_next("GET", r"/resolve/[0-9a-f]{40}/model\.safetensors$", status=500)
+        closed = f"http://127.0.0.1:{_closed_port()}"
+        report = _report(hub.run_python(_FAILURES, tmp_path / "output", repo, closed, env=_env_with_package(hub)))
+        push, download = report["push"], report["download"]
+        assert push["ok"] == {"ok": f"{hub.endpoint}/{repo}"}
+        assert {outcome.get("error") for name, outcome in push.items() if name != "ok"} == {"HubError"}
+        where = f"to {repo} on {hub.endpoint} failed while"
+        assert f"{where} uploading 6 files in one commit: the server answered HTTP 500 (Injected fault)" in \
+            push["server error"]["message"]
+        assert f"{where} uploading 6 files in one commit: RemoteProtocolError: Server disconnected" in \
+            push["connection dropped"]["message"]
+        assert "HTTP 403 (You don't have the rights" in push["read-only token"]["message"]
+        assert f"{where} creating the repository: the server answered HTTP 401 (Invalid credentials" in \
+            push["unknown token"]["message"]
+        for name in ("read-only token", "unknown token"):
+            assert "authorisation refused: check the token" in push[name]["message"]
+        assert f"on {closed} failed while creating the repository: ConnectionRefusedError" in push["connection refused"]["message"]
+        assert all("Nothing local was changed" in outcome["message"] for outcome in push.values() if "error" in outcome)
+        assert report["after"] == report["before"]
+        assert len(hub.server.commit_shas(repo)) == 2   # the failed attempts created nothing
+        assert RELEASE | {"README.md"} <= set(hub.server.files(repo))
+
+        assert download["ok"]["ok"] == sorted(RELEASE | {"README.md"})
+        assert download["server error"]["error"] == "HubError" and (
+            f"Downloading model.safetensors from {repo}@main on {hub.endpoint} (commit "
+            in download["server error"]["message"]) and "HTTP 500 (Injected fault)" in download["server error"]["message"]
+        assert f"Looking up {repo}@main on {closed} failed: ConnectionRefusedError" in download["connection refused"]["message"]
+        assert "Looking up testuser/none@main" in download["no such repo"]["message"]
+        assert download["no such repo"]["cause"] == "RepositoryNotFoundError"
+
+
+# -------------------------------------------------------------------------------------------- examples/meta_train.py
+_META_TRAIN = r"""
+import runpy, sys
+sys.argv = [%r, *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""" % str(REPO_ROOT / "examples" / "meta_train.py")
+
+
+def test_meta_train_script_publishes_phi_with_its_card(hub, tmp_path):
+    data, output, repo = tmp_path / "source", tmp_path / "output", "testuser/phi-meta-trained"
+    data.mkdir()
+    image_dataset(num_classes=8, per_class=20, size=16).to_parquet(str(data / "train.parquet"))
+    proc = hub.run_python(_META_TRAIN, "--dataset", data, "--num-groups", "2", "--arch", "conv4", "--batch-size", "8",
+                          "--image-size", "16", "--steps", "2", "--checkpoint-every", "0", "--output-dir", output,
+                          "--push-to-hub", repo, env=_env_with_package(hub))
+    assert f"Published φ with its model card to {hub.endpoint}/{repo}" in proc.stdout
+    files = hub.server.files(repo)
+    assert RELEASE | {"README.md"} <= set(files)
+    assert files["model.safetensors"] == (output / "model.safetensors").read_bytes()
+    assert not (output / "README.md").exists()
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == LIBRARY_NAME and card.data.license == "apache-2.0"
+    record = json.loads((output / "meta_training.json").read_text())
+    assert record["steps"] == 2 and record["source_dataset"] == str(data)
+    for key, value in meta_training_facts(record).items():
+        assert f"| `{key}` | {value} |" in card.text, key
+    assert f'MetaPerturbModel.from_pretrained("{repo}")' in card.text and "MetaPerturbCallback" in card.text
+    assert "Ryu, Shin, Lee, Hwang" in card.text and "No transfer results recorded" in card.text
 
 
 # ------------------------------------------------------------------------------------------------ the emulator itself
