@@ -5,6 +5,7 @@ carries it can be loaded with `trust_remote_code=True` where `metaperturb_hf` is
 """
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,208 @@ def _gauss_hermite_standard_normal(num_nodes: int) -> tuple[torch.Tensor, torch.
     jacobi = torch.diag(off_diagonal, 1) + torch.diag(off_diagonal, -1)
     nodes, vectors = torch.linalg.eigh(jacobi)
     return nodes, vectors[0] ** 2
+
+
+class _Settings(NamedTuple):
+    """Everything about one call that is not a tensor."""
+
+    noise_coeff: float
+    clip_value: float | None
+    descriptors: tuple[float, float]  # (C / C_norm, H / H_norm)
+    expected_noise: bool
+    expected_noise_nodes: int
+    training: bool
+    stat_momentum: float
+    monitor: bool  # also return the mean noise
+
+
+def _stencil(features: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """One 3×3 kernel applied to every channel alone: a depthwise convolution (fast in channels-last on CPU)."""
+    channels = features.shape[1]
+    weight = kernel.to(features.dtype).reshape(1, 1, *kernel.shape[-2:]).expand(channels, 1, -1, -1).contiguous()
+    return F.conv2d(features, weight, padding=kernel.shape[-1] // 2, groups=channels)
+
+
+def _stencil_transposed(grad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The input gradient of `_stencil`: the same stencil with the kernel flipped (a forward pass, no conv backward)."""
+    return _stencil(grad, kernel.flip(-2, -1))
+
+
+def _stencil_kernel_grad(grad: torch.Tensor, features: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The gradient of a kernel shared by all channels: the per-channel weight gradients, summed."""
+    channels = features.shape[1]
+    weight = kernel.to(features.dtype).reshape(1, 1, *kernel.shape[-2:]).expand(channels, 1, -1, -1).contiguous()
+    pad = kernel.shape[-1] // 2
+    per_channel = torch.ops.aten.convolution_backward(
+        grad, features, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], channels, [False, True, False]
+    )[1]
+    return per_channel.sum(0, dtype=kernel.dtype).view(kernel.shape)
+
+
+def _channel_mean_conv(features: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """γ ⋆ (mean over channels), shape (B, 1, H, W), broadcast over channels by the caller."""
+    return _stencil(features.mean(dim=1, keepdim=True), kernel)
+
+
+def _sample_noise(mu: torch.Tensor) -> torch.Tensor:
+    """ε ~ N(0, 1) shaped and laid out like `mu`.
+
+    Drawn as a contiguous block and viewed in `mu`'s layout: `randn_like` on a channels-last tensor takes a slow
+    strided path on CPU (6× slower).
+    """
+    if mu.is_contiguous():
+        return torch.randn_like(mu)
+    batch, channels, height, width = mu.shape
+    return torch.randn(batch, height, width, channels, dtype=mu.dtype, device=mu.device).permute(0, 3, 1, 2)
+
+
+def _expected_noise_and_slope(mu: torch.Tensor, num_nodes: int, with_slope: bool):
+    """E_ε[softplus(μ + ε)] and its derivative in μ, E_ε[sigmoid(μ + ε)], by Gauss–Hermite quadrature."""
+    nodes, weights = _gauss_hermite_standard_normal(num_nodes)
+    z = torch.zeros_like(mu)
+    slope = torch.zeros_like(mu) if with_slope else None
+    for node, weight in zip(nodes.tolist(), weights.tolist()):
+        shifted = mu + node
+        z.add_(F.softplus(shifted), alpha=weight)
+        if with_slope:
+            slope.add_(torch.sigmoid(shifted), alpha=weight)
+    return z, slope
+
+
+class _PerturbFunction(torch.autograd.Function):
+    """g_φ with a hand-written backward.
+
+    Autograd through the plain expression saves a dozen full-size tensors and runs depthwise-convolution backward
+    kernels that are far slower than forward ones on CPU. Here the forward saves the input, the hidden layer and the
+    noise z = softplus(μ + ε) (dz/dμ = sigmoid(μ + ε) = 1 − exp(−z)), or μ in the expected-noise mode; the backward
+    recomputes the rest and writes every input gradient as a forward stencil with the flipped kernel. Kernel
+    gradients are computed only when φ is trained.
+    """
+
+    @staticmethod
+    def forward(ctx, h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean, running_var,
+                noise, settings: _Settings):
+        x = h.contiguous(memory_format=torch.channels_last)
+        batch, channels, height, width = x.shape
+        channel_mean = x.mean(dim=1, keepdim=True)
+        if not torch.isfinite(channel_mean).all():
+            raise ValueError(
+                "hidden_states contains NaN or Inf; the features reaching this site are already broken "
+                "(check the input data and the layers before it)."
+            )
+        hidden = _stencil(x, identity_kernels[0]).add_(_stencil(channel_mean, mean_kernels[0])).relu_()
+        mu = _stencil(hidden, identity_kernels[1]).add_(_channel_mean_conv(hidden, mean_kernels[1]))
+        if settings.expected_noise:
+            z, _ = _expected_noise_and_slope(mu, settings.expected_noise_nodes, with_slope=False)
+            noise_state = mu
+        else:
+            z = noise_state = F.softplus(mu.add_(noise.to(mu.dtype) if noise is not None else _sample_noise(mu)))
+
+        pooled = torch.stack(
+            [_stencil(x, kernel).relu_().mean(dim=(2, 3), dtype=scale_weight.dtype) for kernel in stat_kernels], dim=-1
+        )  # (B, C, num_stat_filters), in φ's precision (also under mixed precision)
+        if settings.training:
+            mean = pooled.mean(dim=0)
+            var = pooled.var(dim=0) if batch > 1 else torch.zeros_like(mean)
+            running_mean.lerp_(mean.to(running_mean.dtype), settings.stat_momentum)
+            running_var.lerp_(var.to(running_var.dtype), settings.stat_momentum)
+        else:
+            mean, var = running_mean.to(pooled.dtype), running_var.to(pooled.dtype)
+        descriptors = pooled.new_tensor(settings.descriptors).expand(channels, 2)
+        features = torch.cat([mean, var, descriptors], dim=1)  # (C, 2·num_stat_filters + 2)
+        scale = torch.sigmoid((features * scale_weight).sum(dim=1))  # not a matmul: autocast leaves it in φ's precision
+
+        coeff = settings.noise_coeff
+        multiplier = torch.addcmul(x.new_tensor(1.0 - coeff), z, (scale * coeff).to(x.dtype).view(1, channels, 1, 1))
+        output = torch.mul(h, multiplier, out=torch.empty_like(h))
+        # The clip is rarely reached: one read of the output spares a clamp and a gradient mask. On GPU the check
+        # would synchronise, so there the clamp always runs.
+        ctx.clipped = settings.clip_value is not None and (output.is_cuda or bool(output.max() > settings.clip_value))
+        if ctx.clipped:
+            output.clamp_(max=settings.clip_value)
+        ctx.settings = settings
+        noise_mean = z.mean() if settings.monitor else z.new_zeros(())
+        ctx.mark_non_differentiable(scale, noise_mean)
+        ctx.save_for_backward(x, hidden, noise_state, pooled, features, scale, identity_kernels, mean_kernels,
+                              stat_kernels, scale_weight)
+        return output, scale, noise_mean
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_scale_unused, grad_noise_mean_unused):
+        settings = ctx.settings
+        (x, hidden, noise_state, pooled, features, scale, identity_kernels, mean_kernels, stat_kernels,
+         scale_weight) = ctx.saved_tensors
+        batch, channels, height, width = x.shape
+        needs_input, *needs_params = ctx.needs_input_grad[:5]
+        train_phi = any(needs_params)
+        coeff = settings.noise_coeff
+
+        if settings.expected_noise:
+            z, slope = _expected_noise_and_slope(noise_state, settings.expected_noise_nodes, with_slope=True)
+        else:
+            z, slope = noise_state, torch.expm1(-noise_state).neg_()
+        scale_coeff = (scale * coeff).to(x.dtype).view(1, channels, 1, 1)
+        multiplier = torch.addcmul(x.new_tensor(1.0 - coeff), z, scale_coeff)
+        grad = grad_output.contiguous(memory_format=torch.channels_last)
+        if ctx.clipped:
+            grad = grad * (x * multiplier <= settings.clip_value)
+        grad_input = grad * multiplier  # through h itself
+        grad_multiplier = grad * x
+        grad_scale = (grad_multiplier * z).sum(dim=(0, 2, 3), dtype=scale.dtype) * coeff  # (C,)
+        grad_mu = (grad_multiplier * scale_coeff).mul_(slope)
+
+        # μ = λ₂ ⋆ hidden + γ₂ ⋆ mean_c(hidden)
+        grad_mu_channel_sum = grad_mu.sum(dim=1, keepdim=True)
+        grad_hidden = _stencil_transposed(grad_mu, identity_kernels[1])
+        grad_hidden.add_(_stencil_transposed(grad_mu_channel_sum, mean_kernels[1]), alpha=1.0 / channels)
+        grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0.0)
+        # hidden = ReLU(λ₁ ⋆ h + γ₁ ⋆ mean_c(h))
+        grad_hidden_channel_sum = grad_hidden.sum(dim=1, keepdim=True)
+        grad_input.add_(_stencil_transposed(grad_hidden, identity_kernels[0]))
+        grad_input.add_(_stencil_transposed(grad_hidden_channel_sum, mean_kernels[0]), alpha=1.0 / channels)
+
+        # s = sigmoid(features · w); features = [batch mean, batch var, descriptors] of the pooled responses
+        grad_logit = grad_scale * scale * (1 - scale)
+        grad_scale_weight = features.t() @ grad_logit if train_phi else None
+        grad_stat_kernels = torch.zeros_like(stat_kernels) if train_phi and settings.training else None
+        if settings.training:
+            num_filters = stat_kernels.shape[0]
+            grad_features = grad_logit[:, None] * scale_weight[None, :]
+            grad_pooled = grad_features[None, :, :num_filters] / batch
+            if batch > 1:
+                centered = pooled - pooled.mean(dim=0)
+                grad_pooled = grad_pooled + grad_features[None, :, num_filters:2 * num_filters] * 2 * centered / (batch - 1)
+            grad_pooled = (grad_pooled / (height * width)).to(x.dtype).expand(batch, channels, num_filters)
+            for k, kernel in enumerate(stat_kernels):
+                response = _stencil(x, kernel)
+                grad_response = torch.ops.aten.threshold_backward(
+                    grad_pooled[:, :, k, None, None].expand_as(response), response, 0.0
+                )
+                grad_input.add_(_stencil_transposed(grad_response, kernel))
+                if train_phi:
+                    grad_stat_kernels[k] = _stencil_kernel_grad(grad_response, x, kernel)
+
+        grad_identity = grad_mean = None
+        if train_phi:
+            channel_mean = x.mean(dim=1, keepdim=True)
+            grad_identity = torch.stack([
+                _stencil_kernel_grad(grad_hidden, x, identity_kernels[0]),
+                _stencil_kernel_grad(grad_mu, hidden, identity_kernels[1]),
+            ])
+            grad_mean = torch.stack([
+                _stencil_kernel_grad(grad_hidden_channel_sum, channel_mean, mean_kernels[0]),
+                _stencil_kernel_grad(grad_mu_channel_sum, hidden.mean(dim=1, keepdim=True), mean_kernels[1]),
+            ])
+        if needs_input:
+            grad_input = grad_input.contiguous(memory_format=_memory_format_of(grad_output))
+        return (grad_input if needs_input else None, grad_identity, grad_mean, grad_stat_kernels, grad_scale_weight,
+                None, None, None, None)
+
+
+def _memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
+    if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class MetaPerturbModel(PreTrainedModel):
@@ -94,62 +297,19 @@ class MetaPerturbModel(PreTrainedModel):
         self._check_inputs(hidden_states, running_mean, running_var, noise)
         is_flat = hidden_states.dim() == 2
         h = hidden_states[:, :, None, None] if is_flat else hidden_states
-        if noise is not None and is_flat:
-            noise = noise[:, :, None, None]
-
-        batch, channels, height, width = h.shape
-        # Channels-last throughout: the depthwise convolutions below are several times faster in it on CPU.
-        h = h.contiguous(memory_format=torch.channels_last)
-        hidden = F.relu(self._per_channel_conv(h, self.identity_kernels[:1]) + self._mean_conv(h, 0))
-        mu = self._per_channel_conv(hidden, self.identity_kernels[1:]) + self._mean_conv(hidden, 1)
-        noise_sample = self._noise(mu, noise, expected_noise)
-
-        stat_responses = self._per_channel_conv(h, self.stat_kernels)  # (B, C·K, H, W), channel-major
-        pooled = F.relu(stat_responses).mean(dim=(2, 3)).view(batch, channels, -1)  # (B, C, num_stat_filters)
-        mean, var = self._statistics(pooled, running_mean, running_var)
-        descriptors = h.new_tensor([channels / channel_norm, height / spatial_norm]).expand(channels, 2)
-        scale = torch.sigmoid(torch.cat([mean, var, descriptors], dim=1) @ self.scale_weight)
-
+        if noise is not None:
+            noise = noise.view(h.shape)
+        _, channels, height, width = h.shape
+        descriptors = (channels / channel_norm, height / spatial_norm)
+        settings = _Settings(float(noise_coeff), clip_value, descriptors, expected_noise, self.expected_noise_nodes,
+                             self.training, self.config.stat_momentum, self.monitor is not None)
+        output, scale, noise_sample_mean = _PerturbFunction.apply(
+            h, self.identity_kernels, self.mean_kernels, self.stat_kernels, self.scale_weight,
+            running_mean, running_var, noise, settings,
+        )
         if self.monitor is not None:
-            self.monitor.append((scale.detach().mean(), noise_sample.detach().mean()))
-        multiplier = (scale[None, :, None, None] * noise_sample - 1.0) * noise_coeff + 1.0
-        output = h * multiplier
-        if clip_value is not None:
-            output = output.clamp(max=clip_value)
-        return output.view(batch, channels) if is_flat else output
-
-    def _per_channel_conv(self, features: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-        """The same K kernels on every channel, as one depthwise convolution: (B, C, H, W) -> (B, C·K, H, W)."""
-        weight = kernels.repeat(features.shape[1], 1, 1, 1)
-        return F.conv2d(features, weight, padding=self.config.kernel_size // 2, groups=features.shape[1])
-
-    def _mean_conv(self, features: torch.Tensor, layer: int) -> torch.Tensor:
-        """γ ⋆ mean over channels, shape (B, 1, H, W), broadcast over channels by the caller."""
-        pad = self.config.kernel_size // 2
-        return F.conv2d(features.mean(dim=1, keepdim=True), self.mean_kernels[layer : layer + 1], padding=pad)
-
-    def _noise(self, mu: torch.Tensor, noise: torch.Tensor | None, expected_noise: bool) -> torch.Tensor:
-        if expected_noise:
-            nodes, weights = _gauss_hermite_standard_normal(self.expected_noise_nodes)
-            nodes, weights = nodes.to(mu), weights.to(mu)
-            return sum(w * F.softplus(mu + x) for x, w in zip(nodes, weights))
-        if noise is None:
-            noise = torch.randn_like(mu)
-        return F.softplus(mu + noise)
-
-    def _statistics(
-        self, pooled: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch statistics in training (updating the running ones in place), running statistics in evaluation."""
-        if not self.training:
-            return running_mean.to(pooled.dtype), running_var.to(pooled.dtype)
-        mean = pooled.mean(dim=0)
-        var = pooled.var(dim=0) if pooled.shape[0] > 1 else torch.zeros_like(mean)
-        with torch.no_grad():
-            momentum = self.config.stat_momentum
-            running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-            running_var.lerp_(var.detach().to(running_var.dtype), momentum)
-        return mean, var
+            self.monitor.append((scale.detach().mean(), noise_sample_mean))
+        return output.view(hidden_states.shape) if is_flat else output
 
     def _check_inputs(self, hidden_states, running_mean, running_var, noise) -> None:
         if not isinstance(hidden_states, torch.Tensor):
@@ -162,11 +322,6 @@ class MetaPerturbModel(PreTrainedModel):
         if not hidden_states.is_floating_point():
             raise TypeError(
                 f"hidden_states must be floating point, got {hidden_states.dtype}; cast the input with .float()."
-            )
-        if not torch.isfinite(hidden_states).all():
-            raise ValueError(
-                "hidden_states contains NaN or Inf; the features reaching this site are already broken "
-                "(check the input data and the layers before it)."
             )
         expected = (hidden_states.shape[1], self.config.num_stat_filters)
         for name, stats in (("running_mean", running_mean), ("running_var", running_var)):
