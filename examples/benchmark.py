@@ -41,7 +41,8 @@ def parse_targets(spec: str) -> dict:
     return targets
 
 
-def parse_perturbations(spec: str | None) -> dict:
+def parse_pairs(spec: str | None) -> dict:
+    """NAME=VALUE,... as a dict (φ sources, source networks)."""
     return dict(item.split("=", 1) for item in spec.split(",")) if spec else {}
 
 
@@ -51,7 +52,7 @@ def planned_runs(args) -> list[dict]:
     for target, (_, per_class) in parse_targets(args.targets).items():
         for arch in args.archs.split(","):
             for method in args.methods.split(","):
-                sources = list(parse_perturbations(args.perturbations)) if method == "metaperturb" else ["-"]
+                sources = list(parse_pairs(args.perturbations)) if method == "metaperturb" else ["-"]
                 if method == "metaperturb" and not sources:
                     raise ValueError("method metaperturb needs --perturbations SOURCE=PATH[,SOURCE=PATH].")
                 for source in sources:
@@ -73,7 +74,12 @@ def run_grid(args) -> None:
     shard, shards = (int(x) for x in args.shard.split("/"))
     todo = [run for i, run in enumerate(planned_runs(args)) if i % shards == shard and key_of(run) not in done]
     print(f"{len(todo)} runs to do in shard {shard}/{shards} ({len(done)} finished already)", flush=True)
-    targets, perturbations, cache = parse_targets(args.targets), parse_perturbations(args.perturbations), {}
+    targets, perturbations, cache = parse_targets(args.targets), parse_pairs(args.perturbations), {}
+    source_networks = parse_pairs(args.source_networks)
+    missing = {run["arch"] for run in todo if run["method"] == "finetune"} - set(source_networks)
+    if missing:
+        raise ValueError(f"finetune needs a source-trained network for {', '.join(sorted(missing))}: pass "
+                         "--source-networks ARCH=STATE_DICT (train one with examples/transfer.py --save-model).")
     for index, run in enumerate(todo, 1):
         data_path, per_class = targets[run["target"]]
         if data_path not in cache:
@@ -82,8 +88,9 @@ def run_grid(args) -> None:
         if per_class:
             train = subsample_per_class(train, per_class, run["seed"])
         phi = load_perturbation(perturbations[run["source"]]) if run["method"] == "metaperturb" else None
+        init_from = source_networks.get(run["arch"]) if run["method"] == "finetune" else None
         config = TransferConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"])
-        records = run_transfer(run["method"], run["arch"], train, test, config, phi, args.mc_samples)
+        records = run_transfer(run["method"], run["arch"], train, test, config, phi, args.mc_samples, init_from)
         with path.open("a") as f:  # one write per run: a killed run leaves no half record
             f.write("".join(json.dumps({**run, **record, "mc_samples": record["num_samples"]}) + "\n"
                             for record in records))
@@ -132,6 +139,7 @@ def main(argv=None):
     parser.add_argument("--archs", default="conv4,resnet20")
     parser.add_argument("--methods", default="none,metaperturb")
     parser.add_argument("--perturbations", help="SOURCE=PATH_OR_REPO,... (one metaperturb column per source)")
+    parser.add_argument("--source-networks", help="ARCH=STATE_DICT,... networks trained on the source data (finetune)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=128)

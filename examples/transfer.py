@@ -39,6 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--train-per-class", type=int, help="training images kept per class (small-data regime)")
     parser.add_argument("--mc-samples", type=int, default=10, help="noise samples averaged at test time")
     parser.add_argument("--output", help="write all records (and their mean) to this JSON file")
+    parser.add_argument("--save-model", metavar="PATH",
+                        help="save the trained network's state dict (last seed) here, e.g. a source network for finetune")
     return parser.parse_args(argv)
 
 
@@ -59,7 +61,7 @@ def main(argv=None):
         train = subsample_per_class(train_full, args.train_per_class, seed) if args.train_per_class else train_full
         config = TransferConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=seed)
         for record in run_transfer(args.method, args.arch, train, test, config, perturbation, args.mc_samples,
-                                   args.init_from, progress=True):
+                                   args.init_from, progress=True, save_model=args.save_model):
             record.update(dataset=str(args.dataset), train_per_class=args.train_per_class)
             records.append(record)
             print(json.dumps(record), flush=True)
