@@ -103,3 +103,20 @@ def test_quickstart_runs_in_reduced_mode(tmp_path):
     result = json.loads((tmp_path / "quickstart_results.json").read_text())
     assert set(result["summary"]) == {"none", "metaperturb", "metaperturb_single_pass"}
     assert (tmp_path / "quickstart.png").stat().st_size > 1000
+
+
+def test_finetune_starts_from_a_saved_source_network(target, tmp_path):
+    source = tmp_path / "source.pt"
+    load_script("transfer").main(["--dataset", str(target), "--arch", "conv4", "--image-size", "16", "--method",
+                                  "none", "--steps", "2", "--batch-size", "8", "--save-model", str(source)])
+    benchmark = load_script("benchmark")
+    args = ["--name", "ft", "--results-dir", str(tmp_path), "--targets", f"toy={target}", "--archs", "conv4",
+            "--methods", "finetune", "--seeds", "0", "--steps", "1", "--batch-size", "8"]
+    with pytest.raises(ValueError, match="--source-networks"):
+        benchmark.main(args)
+    started_from = []
+    original = benchmark.run_transfer
+    benchmark.run_transfer = lambda *a, **k: started_from.append(a[7]) or original(*a, **k)
+    benchmark.main([*args, "--source-networks", f"conv4={source}"])
+    assert started_from == [str(source)] and not source.with_name("source.pt.partial").exists()
+    assert json.loads((tmp_path / "ft.jsonl").read_text())["method"] == "finetune"
