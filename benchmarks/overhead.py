@@ -4,8 +4,8 @@ Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per me
   (a) frozen φ: one transfer-training step with φ at every site / one plain step;
   (b) trainable φ: one meta-training step (θ step on a train batch, φ-gradient on a validation batch) / two plain steps;
   (c) evaluation: single pass ("mean" mode) and MC with K = 1, 5, 100 / one plain forward;
-  (d) peak memory of a training step with / without the perturbation (CUDA allocator peak, or process RSS growth
-      measured in a fresh subprocess on CPU).
+  (d) memory of a training step with / without the perturbation (CUDA: the allocator's peak; CPU: the storages
+      autograd saves for backward, counted once each).
 Each pair is timed alternately, A then B, `--repeats` times after warm-up; ratios are of medians from the same run.
 
     python benchmarks/overhead.py [--device cuda] [--output benchmarks/results/overhead.jsonl]
@@ -15,16 +15,14 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
 from metaperturb_hf.architectures import create_model
+from metaperturb_hf.evaluation import predict_proba
 
 BATCH, SIZE, CLASSES = 128, 32, 40
 
@@ -56,18 +54,18 @@ def interleaved(a, b, device, repeats: int, warmup: int = 2) -> tuple[float, flo
 class Setup:
     """A plain network and a perturbed copy of it (same weights), with their optimizers and data."""
 
-    def __init__(self, arch: str, device, trainable: bool):
+    def __init__(self, arch: str, device, trainable: bool, memory_format=torch.channels_last):
         torch.manual_seed(0)
         self.device = device
-        self.plain = create_model(arch, CLASSES).to(device)
-        self.twin = create_model(arch, CLASSES).to(device)
+        self.plain = create_model(arch, CLASSES).to(device, memory_format=memory_format)
+        self.twin = create_model(arch, CLASSES).to(device, memory_format=memory_format)
         self.twin.load_state_dict(self.plain.state_dict())
         self.phi = MetaPerturbModel(MetaPerturbConfig()).to(device)
         self.perturbed = add_perturbation(self.twin, self.phi, trainable=trainable).to(device)
         self.plain_opt = torch.optim.Adam(self.plain.parameters(), lr=1e-3)
         self.twin_opt = torch.optim.Adam(self.twin.parameters(), lr=1e-3)
         self.phi_opt = torch.optim.Adam(self.phi.parameters(), lr=1e-3)
-        self.x = torch.randn(BATCH, 3, SIZE, SIZE, device=device)
+        self.x = torch.randn(BATCH, 3, SIZE, SIZE, device=device).contiguous(memory_format=memory_format)
         self.y = torch.randint(0, CLASSES, (BATCH,), device=device)
 
     def plain_step(self):
@@ -110,38 +108,41 @@ class Setup:
         def run():
             self.perturbed.eval()
             self.perturbed.set_noise_mode(mode)
-            self.perturbed.predict_proba(self.x, num_samples=samples)
+            predict_proba(self.perturbed, self.x, num_samples=samples, batch_size=BATCH)
 
         return run
 
 
-MEMORY_CHILD = """
-import json, resource, sys, torch
-sys.path.insert(0, sys.argv[1])
-from benchmarks.overhead import Setup
-setup = Setup(sys.argv[2], torch.device("cpu"), trainable=False)
-step = setup.plain_step if sys.argv[3] == "plain" else setup.frozen_step
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-for _ in range(3):
+def saved_for_backward_mib(step) -> float:
+    """MiB of distinct tensor storages that autograd keeps for the backward pass of `step`'s forward.
+
+    This is what grows with the network's activations and what a perturbation adds; unlike the process RSS it does
+    not depend on the allocator's caching or on what importing torch already touched.
+    """
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(storages.values()) / 2**20
+
+
+def peak_memory_mib(arch: str, variant: str, device, memory_format) -> float:
+    """CUDA: the allocator's peak during a training step; CPU: the activations saved for backward."""
+    setup = Setup(arch, device, trainable=False, memory_format=memory_format)
+    step = setup.plain_step if variant == "plain" else setup.frozen_step
+    if device.type != "cuda":
+        return saved_for_backward_mib(step)
     step()
-print(json.dumps({"peak_growth_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
-"""
-
-
-def peak_memory_mib(arch: str, variant: str, device) -> float:
-    if device.type == "cuda":
-        setup = Setup(arch, device, trainable=False)
-        step = setup.plain_step if variant == "plain" else setup.frozen_step
-        step()
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    root = str(Path(__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, root, arch, variant], check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_growth_mib"]
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def main():
@@ -150,11 +151,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--archs", default="resnet20,conv4")
     parser.add_argument("--output", help="append the JSON lines to this file too")
+    parser.add_argument("--memory-format", choices=["channels_last", "contiguous_format"], default="channels_last",
+                        help="layout of both networks (the reference networks train in channels-last)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    memory_format = getattr(torch, args.memory_format)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     common = {"torch": torch.__version__, "device": hardware, "batch": BATCH, "image_size": SIZE,
-              "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
+              "repeats": args.repeats, "memory_format": args.memory_format, "date": time.strftime("%Y-%m-%d")}
 
     def emit(record):
         line = json.dumps({**record, **common})
@@ -164,11 +168,11 @@ def main():
                 f.write(line + "\n")
 
     for arch in args.archs.split(","):
-        frozen = Setup(arch, device, trainable=False)
+        frozen = Setup(arch, device, trainable=False, memory_format=memory_format)
         plain, with_phi = interleaved(frozen.plain_step, frozen.frozen_step, device, args.repeats)
         emit({"arch": arch, "measure": "frozen_train_step", "plain_s": plain, "perturbed_s": with_phi,
               "ratio": with_phi / plain})
-        meta = Setup(arch, device, trainable=True)
+        meta = Setup(arch, device, trainable=True, memory_format=memory_format)
         two_plain, meta_s = interleaved(meta.two_plain_steps, meta.meta_step, device, args.repeats)
         emit({"arch": arch, "measure": "meta_train_step_vs_two_plain", "plain_s": two_plain, "perturbed_s": meta_s,
               "ratio": meta_s / two_plain})
@@ -177,8 +181,8 @@ def main():
             plain, perturbed = interleaved(frozen.plain_eval, frozen.perturbed_eval(mode, samples), device, repeats)
             emit({"arch": arch, "measure": f"eval_{'single_pass' if mode == 'mean' else f'mc{samples}'}",
                   "plain_s": plain, "perturbed_s": perturbed, "ratio": perturbed / plain})
-        plain_mib, perturbed_mib = peak_memory_mib(arch, "plain", device), peak_memory_mib(arch, "perturbed", device)
-        emit({"arch": arch, "measure": "peak_memory_train_step", "plain_mib": plain_mib, "perturbed_mib": perturbed_mib,
+        plain_mib, perturbed_mib = (peak_memory_mib(arch, variant, device, memory_format) for variant in ("plain", "perturbed"))
+        emit({"arch": arch, "measure": "peak_memory_train_step" if device.type == "cuda" else "saved_activations_train_step", "plain_mib": plain_mib, "perturbed_mib": perturbed_mib,
               "ratio": perturbed_mib / plain_mib if plain_mib else None})
 
 

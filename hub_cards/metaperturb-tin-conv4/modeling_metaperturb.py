@@ -66,6 +66,11 @@ def _channel_mean_conv(features: torch.Tensor, kernel: torch.Tensor) -> torch.Te
     return _stencil(features.mean(dim=1, keepdim=True), kernel)
 
 
+def _hidden_layer(x: torch.Tensor, channel_mean: torch.Tensor, identity_kernels, mean_kernels) -> torch.Tensor:
+    """ReLU(λ₁ ⋆ h + γ₁ ⋆ mean_c(h)), the first channel-equivariant layer of the noise generator."""
+    return _stencil(x, identity_kernels[0]).add_(_stencil(channel_mean, mean_kernels[0])).relu_()
+
+
 def _sample_noise(mu: torch.Tensor) -> torch.Tensor:
     """ε ~ N(0, 1) shaped and laid out like `mu`.
 
@@ -95,10 +100,10 @@ class _PerturbFunction(torch.autograd.Function):
     """g_φ with a hand-written backward.
 
     Autograd through the plain expression saves a dozen full-size tensors and runs depthwise-convolution backward
-    kernels that are far slower than forward ones on CPU. Here the forward saves the input, the hidden layer and the
-    noise z = softplus(μ + ε) (dz/dμ = sigmoid(μ + ε) = 1 − exp(−z)), or μ in the expected-noise mode; the backward
-    recomputes the rest and writes every input gradient as a forward stencil with the flipped kernel. Kernel
-    gradients are computed only when φ is trained.
+    kernels that are far slower than forward ones on CPU. Here the forward saves the input, where the hidden layer is
+    active (one byte per element) and the noise z = softplus(μ + ε) (dz/dμ = sigmoid(μ + ε) = 1 − exp(−z)), or μ in
+    the expected-noise mode; the backward recomputes the rest and writes every input gradient as a forward stencil
+    with the flipped kernel. Kernel gradients (and the hidden layer they need) are computed only when φ is trained.
     """
 
     @staticmethod
@@ -112,7 +117,7 @@ class _PerturbFunction(torch.autograd.Function):
                 "hidden_states contains NaN or Inf; the features reaching this site are already broken "
                 "(check the input data and the layers before it)."
             )
-        hidden = _stencil(x, identity_kernels[0]).add_(_stencil(channel_mean, mean_kernels[0])).relu_()
+        hidden = _hidden_layer(x, channel_mean, identity_kernels, mean_kernels)
         mu = _stencil(hidden, identity_kernels[1]).add_(_channel_mean_conv(hidden, mean_kernels[1]))
         if settings.expected_noise:
             z, _ = _expected_noise_and_slope(mu, settings.expected_noise_nodes, with_slope=False)
@@ -145,14 +150,14 @@ class _PerturbFunction(torch.autograd.Function):
         ctx.settings = settings
         noise_mean = z.mean() if settings.monitor else z.new_zeros(())
         ctx.mark_non_differentiable(scale, noise_mean)
-        ctx.save_for_backward(x, hidden, noise_state, pooled, features, scale, identity_kernels, mean_kernels,
+        ctx.save_for_backward(x, hidden > 0, noise_state, pooled, features, scale, identity_kernels, mean_kernels,
                               stat_kernels, scale_weight)
         return output, scale, noise_mean
 
     @staticmethod
     def backward(ctx, grad_output, grad_scale_unused, grad_noise_mean_unused):
         settings = ctx.settings
-        (x, hidden, noise_state, pooled, features, scale, identity_kernels, mean_kernels, stat_kernels,
+        (x, hidden_active, noise_state, pooled, features, scale, identity_kernels, mean_kernels, stat_kernels,
          scale_weight) = ctx.saved_tensors
         batch, channels, height, width = x.shape
         needs_input, *needs_params = ctx.needs_input_grad[:5]
@@ -177,7 +182,7 @@ class _PerturbFunction(torch.autograd.Function):
         grad_mu_channel_sum = grad_mu.sum(dim=1, keepdim=True)
         grad_hidden = _stencil_transposed(grad_mu, identity_kernels[1])
         grad_hidden.add_(_stencil_transposed(grad_mu_channel_sum, mean_kernels[1]), alpha=1.0 / channels)
-        grad_hidden = torch.ops.aten.threshold_backward(grad_hidden, hidden, 0.0)
+        grad_hidden.mul_(hidden_active)
         # hidden = ReLU(λ₁ ⋆ h + γ₁ ⋆ mean_c(h))
         grad_hidden_channel_sum = grad_hidden.sum(dim=1, keepdim=True)
         grad_input.add_(_stencil_transposed(grad_hidden, identity_kernels[0]))
@@ -207,6 +212,7 @@ class _PerturbFunction(torch.autograd.Function):
         grad_identity = grad_mean = None
         if train_phi:
             channel_mean = x.mean(dim=1, keepdim=True)
+            hidden = _hidden_layer(x, channel_mean, identity_kernels, mean_kernels)
             grad_identity = torch.stack([
                 _stencil_kernel_grad(grad_hidden, x, identity_kernels[0]),
                 _stencil_kernel_grad(grad_mu, hidden, identity_kernels[1]),
