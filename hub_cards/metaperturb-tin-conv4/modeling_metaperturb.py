@@ -202,9 +202,7 @@ class _PerturbFunction(torch.autograd.Function):
             grad_pooled = (grad_pooled / (height * width)).to(x.dtype).expand(batch, channels, num_filters)
             for k, kernel in enumerate(stat_kernels):
                 response = _stencil(x, kernel)
-                grad_response = torch.ops.aten.threshold_backward(
-                    grad_pooled[:, :, k, None, None].expand_as(response), response, 0.0
-                )
+                grad_response = response.gt_(0).mul_(grad_pooled[:, :, k, None, None])  # in place: keeps the layout
                 grad_input.add_(_stencil_transposed(grad_response, kernel))
                 if train_phi:
                     grad_stat_kernels[k] = _stencil_kernel_grad(grad_response, x, kernel)
