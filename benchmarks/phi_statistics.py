@@ -1,0 +1,77 @@
+"""How strong is each φ? The multiplier s·z it applies at every site of a fresh network, on real images.
+
+For each perturbation function and network it runs one training-mode forward pass (κ = 1, batch statistics) over
+128 training images of a target and records, per site, the mean channel scale s, the mean noise z, and the mean and
+standard deviation of the multiplier s·z (output / input). A multiplier far below 1 with a large spread is strong
+regularization, which a short transfer schedule may not absorb. Appends one JSON line per (φ, network, site) to
+benchmarks/results/phi_statistics.jsonl.
+
+    python benchmarks/phi_statistics.py [--target ../shared/data/cifar10_32] [--archs conv4,resnet20]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from metaperturb_hf.data import load_image_dataset, normalize, to_tensors
+from metaperturb_hf.methods import apply_method, build_classifier, load_perturbation
+
+ROOT = Path(__file__).resolve().parents[1]
+PERTURBATIONS = {
+    "tin-conv4": ROOT / "hub_cards" / "metaperturb-tin-conv4",
+    "tin-resnet20": ROOT / "hub_cards" / "metaperturb-tin-resnet20",
+    "authors-tin-resnet20": ROOT.parent / "shared" / "reference" / "official_tin_resnet20_perturb_750.pth",
+}
+
+
+def site_multipliers(model, images) -> list[dict]:
+    """Per site, in call order: mean s, mean z, and the mean and std of output / input."""
+    multipliers, perturb = [], model._perturb
+
+    def recording(site, key, hidden_states):
+        output = perturb(site, key, hidden_states)
+        ratio = (output / hidden_states)[hidden_states.abs() > 1e-6]
+        multipliers.append({"site": site.name, "multiplier_mean": ratio.mean().item(),
+                            "multiplier_std": ratio.std().item()})
+        return output
+
+    model._perturb = recording
+    model.perturbation.monitor = []
+    model.train()
+    with torch.no_grad():
+        model(images)
+    for record, (scale, noise) in zip(multipliers, model.perturbation.monitor):
+        record.update(mean_s=scale.item(), mean_z=noise.item())
+    model.perturbation.monitor = None
+    del model._perturb
+    return multipliers
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=str(ROOT.parent / "shared" / "data" / "cifar10_32"))
+    parser.add_argument("--archs", default="conv4,resnet20")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "phi_statistics.jsonl"))
+    args = parser.parse_args()
+    train = to_tensors(load_image_dataset(args.target, "train"))
+    torch.manual_seed(0)
+    images = normalize(train.images[torch.randperm(len(train))[:128]])
+    with open(args.output, "a") as out:
+        for name, path in PERTURBATIONS.items():
+            if not Path(path).exists():
+                print(f"skipping {name}: {path} is absent")
+                continue
+            for arch in args.archs.split(","):
+                model = apply_method(build_classifier(arch, len(train.class_names), images.shape[-1], seed=0),
+                                     "metaperturb", images.shape[-1], load_perturbation(path))
+                torch.manual_seed(0)
+                for record in site_multipliers(model, images):
+                    line = {"phi": name, "arch": arch, "target": Path(args.target).name, **record}
+                    out.write(json.dumps(line) + "\n")
+                    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
