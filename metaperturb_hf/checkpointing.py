@@ -6,6 +6,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+
+from .modeling_metaperturb import MetaPerturbModel
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -17,6 +20,15 @@ def checkpoint_path(root: str | os.PathLike, step: int) -> Path:
 def staging_path(root: str | os.PathLike, step: int) -> Path:
     """Where a checkpoint is written before it is published; a crash leaves only this behind."""
     return Path(root) / f".checkpoint-{step}.partial"
+
+
+def fresh_staging(root: str | os.PathLike, step: int) -> Path:
+    """An empty staging folder for `step`: whatever a killed write left there is removed first."""
+    staging = staging_path(root, step)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
 
 
 def publish(root: str | os.PathLike, step: int, keep: int = 2) -> Path:
@@ -51,6 +63,42 @@ def save_file_atomically(obj, path: Path) -> None:
     os.replace(temporary, path)
 
 
+def load_error_reason(error: Exception) -> str:
+    """What went wrong in a load, without torch's advice to retry a refused pickle with weights_only=False (which
+    would run whatever the file carries)."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    elif text.startswith("Weights only load failed"):
+        text = text.partition("\n")[2]
+    else:
+        return text or type(error).__name__
+    boilerplate = ("Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
+    return f"not unpickled: {lines[0]}" if lines else "not unpickled"
+
+
 def load_trusted(path: Path):
     """Load a checkpoint file of tensors and plain containers; never unpickles arbitrary objects."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_perturbation(folder: str | os.PathLike) -> MetaPerturbModel:
+    """`MetaPerturbModel.from_pretrained(folder)` for a saved folder, refusing what transformers would only report
+    or convert silently: a weight missing from the file (it would be initialised at random), one the model does not
+    have, a weight stored as integers, or NaN/Inf values."""
+    weights = Path(folder) / "model.safetensors"
+    if weights.is_file():
+        with safe_open(weights, framework="pt") as file:
+            stored = {name: file.get_slice(name).get_dtype() for name in file.keys()}
+        if not_float := {name: dtype for name, dtype in stored.items() if dtype not in ("F16", "BF16", "F32", "F64")}:
+            raise ValueError(f"{weights} stores {not_float}; the weights of a perturbation function are floats.")
+    phi, info = MetaPerturbModel.from_pretrained(folder, output_loading_info=True)
+    problems = {name: sorted(keys) for name, keys in info.items() if name.endswith("_keys") and keys}
+    if problems or info.get("error_msgs"):
+        details = problems or info["error_msgs"]
+        raise ValueError(f"{folder} does not hold the weights of a perturbation function: {details}.")
+    broken = [name for name, parameter in phi.named_parameters() if not torch.isfinite(parameter).all()]
+    if broken:
+        raise ValueError(f"{folder} holds NaN or Inf in {broken}; the file is damaged or comes from a diverged run.")
+    return phi

@@ -10,17 +10,19 @@ Randomness (classifier init, batches, augmentation, noise) is drawn per task fro
 so a run depends on its seed and task set, not on how many processes share the tasks.
 """
 
+import copy
 import json
 import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object, is_tensorboard_available
+from accelerate.utils import InitProcessGroupKwargs, gather_object, is_tensorboard_available
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -56,6 +58,10 @@ class MetaTrainingConfig:
     output_dir: str = "metaperturb-output"
     mixed_precision: str = "no"
     source: str = ""
+    # Seconds a process waits at a collective (φ-gradient all-reduce, barriers) for the others before it stops with
+    # an error; bounds the wait when another process dies or stalls. torch's default; it also covers the barrier
+    # while the main process alone loads the dataset.
+    collective_timeout: float = 1800.0
 
     def __post_init__(self):
         if isinstance(self.architectures, str):
@@ -66,6 +72,8 @@ class MetaTrainingConfig:
         for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not self.collective_timeout > 0:
+            raise ValueError(f"collective_timeout must be a positive number of seconds, got {self.collective_timeout}.")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 disables), got {self.checkpoint_every}.")
         if self.mixed_precision not in ("no", "bf16"):
@@ -87,9 +95,12 @@ def _set_batchnorm_eval(model: nn.Module) -> None:
 
 
 def create_accelerator(config: MetaTrainingConfig) -> Accelerator:
-    """An Accelerator logging to a JSONL file always and to TensorBoard when it is installed."""
+    """An Accelerator logging to a JSONL file always and to TensorBoard when it is installed; its collectives give up
+    after `config.collective_timeout` seconds (when it is the first one of the process to set up distribution)."""
     trackers = [JsonlTracker("logs", config.output_dir)] + (["tensorboard"] if is_tensorboard_available() else [])
-    return Accelerator(mixed_precision=config.mixed_precision, log_with=trackers, project_dir=config.output_dir)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout))
+    return Accelerator(mixed_precision=config.mixed_precision, log_with=trackers, project_dir=config.output_dir,
+                       kwargs_handlers=[timeout])
 
 
 class TaskLearner:
@@ -184,6 +195,7 @@ class MetaTrainer:
         self.interrupted = False
         self._stop_requested = False
         self._last_metrics: dict = {}
+        self._nonfinite: list[str] = []  # why this process's contribution to the current step is NaN/Inf
 
     def _check_batch_fits(self, tasks: list[Task]) -> None:
         for task in tasks:
@@ -208,6 +220,13 @@ class MetaTrainer:
             with self._autocast():
                 train_logits = model(images)
                 train_loss = F.cross_entropy(train_logits.float(), labels)
+            if not torch.isfinite(train_loss):
+                # No θ step from a NaN/Inf loss: the classifier stays as it was; the NaN φ-gradient stops every
+                # process at this step (see _meta_step).
+                loss = float(train_loss.detach())
+                self._nonfinite.append(f"the training loss of task {learner.task.task_id} is {loss}")
+                self.phi.monitor = None
+                return [torch.full_like(p, float("nan")) for p in self.phi_parameters], {}
             valid_images, valid_labels = learner.valid_batches.next_batch(size)
             if self.config.lookahead:
                 valid_logits, theta_grads = self._lookahead_valid_logits(learner, train_loss, valid_images)
@@ -219,6 +238,9 @@ class MetaTrainer:
                 with self._autocast():
                     valid_logits = model(valid_images)
             valid_loss = F.cross_entropy(valid_logits.float(), valid_labels)
+            if not torch.isfinite(valid_loss):
+                loss = float(valid_loss.detach())
+                self._nonfinite.append(f"the validation loss of task {learner.task.task_id} is {loss}")
             phi_grads = torch.autograd.grad(valid_loss, self.phi_parameters)
             if self.config.lookahead:  # θ moves only once φ's gradient no longer needs it
                 for parameter, grad in zip(learner.parameters, theta_grads):
@@ -254,6 +276,7 @@ class MetaTrainer:
     def _meta_step(self, record: bool = True) -> dict:
         summed = [torch.zeros_like(p) for p in self.phi_parameters]
         metrics = {}
+        self._nonfinite = []
         for learner in self.learners:
             grads, metrics[learner.task.task_id] = self._task_step(learner, record)
             for total, grad in zip(summed, grads):
@@ -261,12 +284,14 @@ class MetaTrainer:
         # One all-reduce carries the φ-gradients and whether any process was asked to stop.
         flat = torch.cat([g.flatten() for g in summed] + [summed[0].new_tensor([float(self._stop_requested)])])
         if self.accelerator.num_processes > 1:
-            flat = self.accelerator.reduce(flat, reduction="sum")
+            with self._collective("the all-reduce of the φ-gradients"):
+                flat = self.accelerator.reduce(flat, reduction="sum")
         mean_grad = flat[:-1] / self.num_tasks
         if not torch.isfinite(mean_grad).all():
+            cause = "; ".join(self._nonfinite) or "the φ-gradient is NaN/Inf (from this or another process)"
             raise FloatingPointError(
-                f"The φ-gradient became NaN/Inf at step {self.step + 1}; the last checkpoint in {self.output_dir} "
-                "is intact. Lower the learning rate or use mixed_precision='no'."
+                f"Meta-training stopped at step {self.step + 1}: {cause}. φ was not updated; {self._last_good()}. "
+                "Lower the learning rate or use mixed_precision='no'."
             )
         offset = 0
         for parameter in self.phi_parameters:
@@ -319,7 +344,12 @@ class MetaTrainer:
     def _log(self, metrics: dict, progress) -> None:
         local = {task_id: {k: float(v) for k, v in values.items()} for task_id, values in metrics.items() if task_id != "phi_grad_norm"}
         per_task = {}
-        for part in gather_object([local]) if self.accelerator.num_processes > 1 else [local]:
+        if self.accelerator.num_processes > 1:
+            with self._collective("the gathering of the logged metrics"):
+                parts = gather_object([local])
+        else:
+            parts = [local]
+        for part in parts:
             per_task.update(part)
         summary = {name: sum(m[name] for m in per_task.values()) / len(per_task) for name in next(iter(per_task.values()))}
         summary["phi_grad_norm"] = float(metrics["phi_grad_norm"])
@@ -336,8 +366,8 @@ class MetaTrainer:
         accelerator, root = self.accelerator, self.output_dir / "checkpoints"
         staging = checkpointing.staging_path(root, self.step)
         if accelerator.is_main_process:
-            staging.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()
+            checkpointing.fresh_staging(root, self.step)
+        self._barrier("the start of the checkpoint write")
         for learner in self.learners:
             checkpointing.save_file_atomically(learner.state_dict(), staging / f"task-{learner.task.task_id}.pt")
         if accelerator.is_main_process:
@@ -346,12 +376,37 @@ class MetaTrainer:
                 {"phi_optimizer": self.phi_optimizer.state_dict(), "step": self.step, "num_tasks": self.num_tasks},
                 staging / "trainer_state.pt",
             )
-        accelerator.wait_for_everyone()
+        self._barrier("the end of the checkpoint write")
         path = checkpointing.checkpoint_path(root, self.step)
         if accelerator.is_main_process:
             checkpointing.publish(root, self.step, keep=self.config.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        self._barrier("the publication of the checkpoint")
         return path
+
+    def _barrier(self, what: str) -> None:
+        with self._collective(what):
+            self.accelerator.wait_for_everyone()
+
+    @contextmanager
+    def _collective(self, what: str):
+        """Turn the failure of a collective (a peer that died, or stalled past `collective_timeout`) into an error
+        that says what happened, instead of torch's transport message alone."""
+        try:
+            yield
+        except RuntimeError as error:  # gloo/NCCL errors and timeouts (DistBackendError is a RuntimeError)
+            if self.accelerator.num_processes == 1:
+                raise
+            state = self.accelerator.state
+            raise RuntimeError(
+                f"Process {state.process_index} of {state.num_processes} stopped after {self.step} completed steps: "
+                f"{what} failed, most often because another process died or did not answer within "
+                f"collective_timeout={self.config.collective_timeout:g} s (see its own log); {self._last_good()}. "
+                f"Rerun with --resume. Cause: {error}"
+            ) from error
+
+    def _last_good(self) -> str:
+        latest = checkpointing.latest_checkpoint(self.output_dir / "checkpoints")
+        return f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint was written yet"
 
     def resume(self, checkpoint: str | Path | None = None) -> int:
         """Restore φ, its optimizer and every local task from `checkpoint` (default: the latest); return the step."""
@@ -359,19 +414,57 @@ class MetaTrainer:
         if checkpoint is None:
             self.accelerator.print(f"No checkpoint under {self.output_dir / 'checkpoints'}; starting from step 0.")
             return 0
-        state = checkpointing.load_trusted(checkpoint / "trainer_state.pt")
+        # Read every file before touching anything, and roll back if applying fails: all of it or nothing.
+        state = self._read_checkpoint_file(checkpoint, "trainer_state.pt", checkpointing.load_trusted)
+        if not isinstance(state, dict) or not {"num_tasks", "step", "phi_optimizer"} <= set(state):
+            raise ValueError(f"{checkpoint / 'trainer_state.pt'} is not a trainer state; nothing was restored.")
         if state["num_tasks"] != self.num_tasks:
             raise ValueError(f"{checkpoint} was written for {state['num_tasks']} tasks, this run has {self.num_tasks}.")
-        saved_phi = MetaPerturbModel.from_pretrained(checkpoint / "perturbation")
-        with torch.no_grad():
-            for parameter, saved in zip(self.phi_parameters, saved_phi.parameters()):
-                parameter.copy_(saved)
-        self.phi_optimizer.load_state_dict(state["phi_optimizer"])
-        for learner in self.learners:
-            learner.load_state_dict(checkpointing.load_trusted(checkpoint / f"task-{learner.task.task_id}.pt"))
+        saved_phi = self._read_checkpoint_file(checkpoint, "perturbation", checkpointing.load_perturbation)
+        task_states = {
+            learner: self._read_checkpoint_file(checkpoint, f"task-{learner.task.task_id}.pt",
+                                                checkpointing.load_trusted)
+            for learner in self.learners
+        }
+        before = copy.deepcopy(self._resumable_state())
+        try:
+            with torch.no_grad():
+                for parameter, saved in zip(self.phi_parameters, saved_phi.parameters(), strict=True):
+                    parameter.copy_(saved)
+            self.phi_optimizer.load_state_dict(state["phi_optimizer"])
+            for learner, task_state in task_states.items():
+                learner.load_state_dict(task_state)
+        except Exception as error:
+            self._restore_resumable_state(before)
+            raise ValueError(f"{checkpoint} does not fit this run ({error}); nothing was restored.") from error
         self.step = int(state["step"])
         self.accelerator.print(f"Resumed from {checkpoint} at step {self.step}.")
         return self.step
+
+    @staticmethod
+    def _read_checkpoint_file(checkpoint: Path, name: str, reader):
+        try:
+            return reader(checkpoint / name)
+        except Exception as error:
+            raise ValueError(
+                f"Cannot read {checkpoint / name} ({type(error).__name__}: {checkpointing.load_error_reason(error)}); "
+                "nothing was restored. The checkpoint is damaged: resume from an earlier one with --resume <path>."
+            ) from error
+
+    def _resumable_state(self) -> dict:
+        return {
+            "phi": [p.detach() for p in self.phi_parameters],
+            "phi_optimizer": self.phi_optimizer.state_dict(),
+            "learners": [learner.state_dict() for learner in self.learners],
+        }
+
+    def _restore_resumable_state(self, saved: dict) -> None:
+        with torch.no_grad():
+            for parameter, value in zip(self.phi_parameters, saved["phi"]):
+                parameter.copy_(value)
+        self.phi_optimizer.load_state_dict(saved["phi_optimizer"])
+        for learner, learner_state in zip(self.learners, saved["learners"]):
+            learner.load_state_dict(learner_state)
 
     def _run_description(self) -> dict:
         return {

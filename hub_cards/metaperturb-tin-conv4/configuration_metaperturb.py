@@ -1,5 +1,8 @@
 """Configuration of the MetaPerturb perturbation function."""
 
+import dataclasses
+import difflib
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -33,6 +36,35 @@ class MetaPerturbConfig(PreTrainedConfig):
     stat_momentum: float = 0.1
     clip_value: float = 100.0
     initializer_range: float = 0.01
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """Build from a saved config (config.json), refusing one that `save_pretrained` of this class did not write:
+        not a JSON object, another model_type, a field of ours missing, or a field nobody knows (a typo would
+        otherwise be ignored silently). Field types and values are checked by the class itself."""
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"A {cls.__name__} must be a JSON object, got {type(config_dict).__name__}.")
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"This config is for model_type {model_type!r}, not {cls.model_type!r}: it does not describe a "
+                "MetaPerturb perturbation function."
+            )
+        common = {f.name for f in dataclasses.fields(PreTrainedConfig)}
+        own = [f.name for f in dataclasses.fields(cls) if f.name not in common]
+        missing = [name for name in own if name not in config_dict and name not in kwargs]
+        if missing:
+            raise ValueError(f"The {cls.__name__} lacks {missing}; save_pretrained writes every field of {own}.")
+        known = set(own) | common | set(PreTrainedConfig().to_dict())
+        known |= {"auto_map", "torch_dtype", "name_or_path", "custom_pipelines"}
+        unknown = sorted(key for key in config_dict if key not in known and not key.startswith("_"))
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, own, 1)
+                hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+            raise ValueError(f"The {cls.__name__} has unknown field(s) {', '.join(hints)}; its fields are {own}.")
+        return super().from_dict(config_dict, **kwargs)
 
     def validate_architecture(self):
         """Reject values that cannot build a perturbation function."""
