@@ -341,7 +341,6 @@ class PerturbedModel(SiteWrapper):
     def _perturb(self, site: Site, key: str, hidden_states: torch.Tensor) -> torch.Tensor:
         stats = self.site_statistics[key]
         phi = self.perturbation
-        self._check_placement(site, hidden_states, stats)
         try:
             return phi(
                 hidden_states,
@@ -355,25 +354,6 @@ class PerturbedModel(SiteWrapper):
             )
         except (ValueError, TypeError) as error:
             raise type(error)(f"At perturbation site '{site.name}' ({site.channels} channels): {error}") from error
-
-    def _check_placement(self, site: Site, hidden_states, stats: SiteStatistics) -> None:
-        """Features on another device or in another dtype than φ: say so at the site, not deep inside a convolution."""
-        if not isinstance(hidden_states, torch.Tensor):
-            return  # φ names what it got
-        where = f"At perturbation site '{site.name}' ({site.channels} channels)"
-        parameter = next(self.perturbation.parameters())
-        if not hidden_states.device == stats.running_mean.device == parameter.device:
-            raise RuntimeError(
-                f"{where}: the features are on {hidden_states.device}, the site statistics on "
-                f"{stats.running_mean.device} and φ on {parameter.device}; move the wrapped model as a whole "
-                "(perturbed.to(device)), not only the classifier inside it."
-            )
-        if (hidden_states.is_floating_point() and hidden_states.dtype != parameter.dtype
-                and not torch.is_autocast_enabled(hidden_states.device.type)):
-            raise TypeError(
-                f"{where}: the features are {hidden_states.dtype} but φ is {parameter.dtype}; cast the wrapped model "
-                f"as a whole (perturbed.to({hidden_states.dtype})) or run it under torch.autocast."
-            )
 
     def set_noise_coeff(self, noise_coeff: float) -> None:
         """Set κ: 0 switches the perturbation off, 1 applies it fully (annealed from 0 to 1 in transfer)."""

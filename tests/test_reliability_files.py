@@ -1,11 +1,9 @@
 """Reliability, files: damaged weights, bad configs, bad authors' checkpoints and damaged meta-training checkpoints.
 
 Every case must end in a clear error with nothing half-loaded: no model is returned, a resumed trainer keeps every
-value it had. What cannot hold is pinned by strict xfails (they turn into failures once it is fixed): transformers'
-`MetaPerturbModel.from_pretrained` fills a weight missing from the file with random values and only prints a
-report; the package's own loaders (`checkpointing.load_perturbation`, used by resume and
-`PerturbedModel.from_pretrained`) refuse it. A flipped bit in the data of a safetensors file cannot be noticed (the
-format has no checksum) unless it makes a NaN/Inf.
+value it had. `MetaPerturbModel.from_pretrained` refuses a file whose weights do not match φ exactly (transformers
+alone would fill a missing weight at random and only print a report). A flipped bit in the data of a safetensors file
+cannot be noticed (the format has no checksum) unless it makes a NaN/Inf.
 """
 
 import json
@@ -92,9 +90,6 @@ def test_a_corrupted_header_never_loads_other_weights_through_the_package_loader
     loads_identically_or_raises(load_perturbation, folder, saved_phi[1])
 
 
-@pytest.mark.xfail(strict=True, reason="transformers' from_pretrained initialises a weight missing from the file at "
-                   "random and only prints a load report; fixing it needs MetaPerturbModel.from_pretrained to refuse "
-                   "missing/unexpected keys (modeling_metaperturb.py). checkpointing.load_perturbation does.")
 def test_transformers_from_pretrained_refuses_a_renamed_weight(saved_phi, tmp_path):
     folder = copy_of(saved_phi, tmp_path)
     state = load_file(folder / "model.safetensors")

@@ -295,7 +295,7 @@ def test_under_autocast_mixed_dtypes_are_allowed():
 def test_a_classifier_moved_alone_to_another_device_names_the_site():
     model = perturbed_net(4, 5)
     model.model.to("meta")  # a device every machine has; features arrive there, φ and the statistics stay on cpu
-    with pytest.raises(RuntimeError, match=r"At perturbation site 'act1' .*features are on meta.*perturbed\.to"):
+    with pytest.raises(ValueError, match=r"At perturbation site 'act1' .*features are on meta.*perturbed\.to"):
         model(torch.rand(2, 3, 5, 5, device="meta"))
 
 
@@ -303,7 +303,7 @@ def test_a_classifier_moved_alone_to_another_device_names_the_site():
 def test_a_classifier_moved_alone_to_cuda_names_the_site_and_moving_all_works():
     model = perturbed_net(4, 5)
     model.model.to("cuda")
-    with pytest.raises(RuntimeError, match=r"At perturbation site 'act1' .*features are on cuda"):
+    with pytest.raises(ValueError, match=r"At perturbation site 'act1' .*features are on cuda"):
         model(torch.rand(2, 3, 5, 5, device="cuda"))
     model.to("cuda")
     assert torch.isfinite(model(torch.rand(2, 3, 5, 5, device="cuda"))).all()

@@ -265,6 +265,25 @@ class MetaPerturbModel(PreTrainedModel):
         self.monitor: list | None = None
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but a file whose weights do not match φ exactly is refused.
+
+        transformers would fill a missing or misnamed weight at random and only print a report: a φ that silently
+        is not the one saved.
+        """
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        problems = {key: sorted(map(str, info.get(key) or ())) for key in ("missing_keys", "unexpected_keys",
+                                                                         "mismatched_keys")}
+        if any(problems.values()) or info.get("error_msgs"):
+            details = {key: value for key, value in problems.items() if value} or info["error_msgs"]
+            raise ValueError(f"{source} does not hold the weights of a MetaPerturb φ: {details}.")
+        broken = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+        if broken:
+            raise ValueError(f"{source} holds NaN or Inf in {broken}; the file is damaged or comes from a diverged run.")
+        return (model, info) if output_loading_info else model
+
     def _init_weights(self, module):
         if module is self:
             for parameter in self.parameters(recurse=False):
@@ -307,10 +326,12 @@ class MetaPerturbModel(PreTrainedModel):
         descriptors = (channels / channel_norm, height / spatial_norm)
         settings = _Settings(float(noise_coeff), clip_value, descriptors, expected_noise, self.expected_noise_nodes,
                              self.training, self.config.stat_momentum, self.monitor is not None)
-        output, scale, noise_sample_mean = _PerturbFunction.apply(
-            h, self.identity_kernels, self.mean_kernels, self.stat_kernels, self.scale_weight,
-            running_mean, running_var, noise, settings,
-        )
+        # φ computes in the features' own precision (its kernels are cast to it), so autocast has nothing to add.
+        with torch.autocast(h.device.type, enabled=False):
+            output, scale, noise_sample_mean = _PerturbFunction.apply(
+                h, self.identity_kernels, self.mean_kernels, self.stat_kernels, self.scale_weight,
+                running_mean, running_var, noise, settings,
+            )
         if self.monitor is not None:
             self.monitor.append((scale.detach().mean(), noise_sample_mean))
         return output.view(hidden_states.shape) if is_flat else output
@@ -327,6 +348,19 @@ class MetaPerturbModel(PreTrainedModel):
             raise TypeError(
                 f"hidden_states must be floating point, got {hidden_states.dtype}; cast the input with .float()."
             )
+        parameter = self.scale_weight
+        if (hidden_states.dtype != parameter.dtype and not torch.is_autocast_enabled(hidden_states.device.type)):
+            raise TypeError(
+                f"the features are {hidden_states.dtype} but φ is {parameter.dtype}; cast one to the other "
+                f"(perturbed.to({hidden_states.dtype}) for a wrapped model) or run under torch.autocast."
+            )
+        for name, tensor in (("φ's parameters", parameter), ("running_mean", running_mean),
+                             ("running_var", running_var), ("noise", noise)):
+            if tensor is not None and tensor.device != hidden_states.device:
+                raise ValueError(
+                    f"the features are on {hidden_states.device} but {name} on {tensor.device}; move them to one "
+                    "device (perturbed.to(device) for a wrapped model, not only the classifier inside it)."
+                )
         expected = (hidden_states.shape[1], self.config.num_stat_filters)
         for name, stats in (("running_mean", running_mean), ("running_var", running_var)):
             if tuple(stats.shape) != expected:
