@@ -36,3 +36,13 @@ def perturbation():
 
     torch.manual_seed(0)
     return MetaPerturbModel(MetaPerturbConfig(initializer_range=0.1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small tensors: a second, spin-waiting thread only adds contention on a
+    shared 2-core machine, and subprocess drivers compare runs bit for bit at the same thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,13 +17,7 @@ NOISY = ["dropout", "dropblock", "info_dropout"]
 STRONG = {"dropout": {"p": 0.5}, "dropblock": {"drop_prob": 0.5}, "info_dropout": {}, "manifold_mixup": {}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convs on a shared 2-core box run ~10x faster on one thread than on two spin-waiting ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_transformers_resnet():

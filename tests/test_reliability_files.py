@@ -29,12 +29,7 @@ FIELDS = ["kernel_size", "num_stat_filters", "stat_momentum", "clip_value", "ini
 INT_FIELDS = {"kernel_size", "num_stat_filters"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

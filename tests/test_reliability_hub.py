@@ -160,6 +160,13 @@ def report(tmp_path_factory):
     return json.loads(lines[-1][len("REPORT="):])
 
 
+def first_error_message(outcome: dict) -> str:
+    """The HubError message of a scenario's first call, after checking that its fault fired and was a HubError."""
+    assert outcome["failed"], f"the fault never fired: {outcome}"
+    assert outcome["first"].get("error") == "HubError", outcome["first"]
+    return outcome["first"]["message"]
+
+
 UPLOAD_REASONS = {
     "create repo 500": ("creating the repository", "HTTP 500 (Injected fault)"),
     "preupload 404": ("uploading 6 files in one commit", "HTTP 404 (Injected fault)"),
@@ -170,9 +177,7 @@ UPLOAD_REASONS = {
 def test_a_push_failing_at_any_step_says_which_and_the_retry_succeeds(report, name):
     outcome = report["upload"][name]
     step, reason = UPLOAD_REASONS[name]
-    assert outcome["failed"], f"the fault never fired: {outcome}"
-    assert outcome["first"].get("error") == "HubError", outcome["first"]
-    message = outcome["first"]["message"]
+    message = first_error_message(outcome)
     assert f"on {report['endpoint']} failed while {step}" in message and reason in message, message
     assert "testuser/upload-" in message and "Nothing local was changed" in message
     assert "ok" in outcome["retry"], outcome["retry"]
@@ -204,9 +209,7 @@ DOWNLOAD_REASONS = {
 def test_a_download_failing_at_any_step_says_which_keeps_the_cache_sound_and_the_retry_succeeds(report, name):
     outcome = report["download"][name]
     what, reason = DOWNLOAD_REASONS[name]
-    assert outcome["failed"], f"the fault never fired: {outcome}"
-    assert outcome["first"].get("error") == "HubError", outcome["first"]
-    message = outcome["first"]["message"]
+    message = first_error_message(outcome)
     assert what in message and f"on {report['endpoint']}" in message and reason in message, message
     assert outcome["incomplete_blobs"] == [] and outcome["old_revision_intact"]
     assert outcome["retry"] == {} and outcome["retry_weights"], outcome

@@ -29,13 +29,7 @@ MAGNITUDES = [0.0, 1e-30, 1e-3, 1.0, 1e3, 1e6]   # largest |x| of a drawn input 
 NON_FINITE = [float("nan"), float("inf"), float("-inf")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention (and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @lru_cache(maxsize=None)

@@ -188,13 +188,7 @@ print("REPORT=" + json.dumps(report))
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The same intra-op thread count as the driver's children, so that runs can be compared bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
