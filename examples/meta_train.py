@@ -38,6 +38,8 @@ def parse_args(argv=None):
     training.add_argument("--lookahead", action="store_true", help="φ-gradient through a one-step lookahead of θ (slower)")
     training.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--collective-timeout", type=float, default=1800.0,
+                          help="seconds a process waits for the others before it stops with a message (default: 1800)")
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", default="metaperturb-output")
     output.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: never)")
@@ -62,6 +64,7 @@ def main(argv=None):
         log_every=args.log_every,
         output_dir=args.output_dir,
         mixed_precision=args.mixed_precision,
+        collective_timeout=args.collective_timeout,
         source=str(args.dataset),
     )
     accelerator = create_accelerator(config)
