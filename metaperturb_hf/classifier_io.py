@@ -1,8 +1,13 @@
 """Calling any image classifier the same way: plain modules take images positionally and return logits,
 `transformers` ones take `pixel_values=` and return an output with `.logits`."""
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+
+# Most images in one forward pass when a batch is repeated for its noise draws.
+MAX_REPEATED_BATCH = 4096
 
 
 def logits_of(output) -> torch.Tensor:
@@ -16,6 +21,20 @@ def input_name_for(model: nn.Module, input_name: str | None = None) -> str | Non
         return input_name
     config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
     return "pixel_values" if hasattr(config, "num_labels") else None
+
+
+def repeat_chunks(batch_size: int, draws: int) -> Iterator[int]:
+    """How many copies of a batch to stack in each forward pass so that `draws` copies run in all.
+
+    In eval mode every layer uses running statistics, so copies side by side in one batch are independent draws;
+    one big pass is several times faster than many small ones.
+    """
+    per_pass = max(1, min(draws, MAX_REPEATED_BATCH // max(batch_size, 1)))
+    remaining = draws
+    while remaining > 0:
+        copies = min(per_pass, remaining)
+        yield copies
+        remaining -= copies
 
 
 def classifier_logits(model: nn.Module, images: torch.Tensor, input_name: str | None = None) -> torch.Tensor:

@@ -20,12 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classifier_io import classifier_logits, input_name_for
+from .classifier_io import MAX_REPEATED_BATCH, classifier_logits, input_name_for, repeat_chunks
 from .data import ImageTensors, normalize
 from .injection import PerturbedModel
 
-# Most images in one forward pass when a batch is repeated for its noise draws.
-MAX_REPEATED_BATCH = 4096
 # Rows of `probs` must sum to 1 within this tolerance (float32 softmax of many classes drifts by ~1e-6).
 PROBABILITY_SUM_TOLERANCE = 1e-3
 # log is clamped here so that a probability of exactly 0 gives a large, finite NLL.
@@ -77,16 +75,6 @@ def _mode_name(model: nn.Module) -> str:
     return "single_pass" if model.noise_mode == "mean" else "mc"
 
 
-def _repeat_chunks(batch_size: int, draws: int) -> Iterator[int]:
-    """How many copies of a batch to stack in each forward pass so that `draws` copies run in all."""
-    per_pass = max(1, min(draws, MAX_REPEATED_BATCH // max(batch_size, 1)))
-    remaining = draws
-    while remaining > 0:
-        copies = min(per_pass, remaining)
-        yield copies
-        remaining -= copies
-
-
 def _repeated_logits(model: nn.Module, images: torch.Tensor, copies: int, input_name: str | None) -> torch.Tensor:
     """Logits of `copies` independent passes over `images`, shape (copies, batch, classes)."""
     stacked = images.repeat(copies, *([1] * (images.dim() - 1))) if copies > 1 else images
@@ -113,7 +101,7 @@ def _predict(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int
             device = _model_device(model, batch.device)
             images = batch.to(device)
             total = 0.0
-            for copies in _repeat_chunks(len(images), draws):
+            for copies in repeat_chunks(len(images), draws):
                 total = total + _repeated_logits(model, images, copies, input_name).float().softmax(-1).sum(0)
             outputs.append((total / draws).to(batch.device))
     if not outputs:
@@ -230,7 +218,7 @@ def _eot_gradient(
     """Gradient of the cross-entropy w.r.t. `images`, averaged over `draws` noise draws (EoT)."""
     images = images.detach().requires_grad_(True)
     gradient = torch.zeros_like(images)
-    for copies in _repeat_chunks(len(images), draws):
+    for copies in repeat_chunks(len(images), draws):
         logits = _repeated_logits(model, images, copies, input_name)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.repeat(copies), reduction="sum") / draws
         gradient += torch.autograd.grad(loss, images)[0]

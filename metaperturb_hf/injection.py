@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpointing import load_perturbation
-from .classifier_io import logits_of
+from .classifier_io import logits_of, repeat_chunks
 from .modeling_metaperturb import MetaPerturbModel
 
 # Modules treated as activations. transformers wraps its own (GELUActivation, ...) in `transformers.activations`.
@@ -369,13 +369,26 @@ class PerturbedModel(SiteWrapper):
 
     @torch.no_grad()
     def predict_proba(self, *args, num_samples: int = 1, **kwargs) -> torch.Tensor:
-        """Softmax averaged over `num_samples` noise draws (one pass in "mean" mode)."""
+        """Softmax averaged over `num_samples` noise draws (one pass in "mean" mode), in the current train/eval mode.
+
+        The draws run as copies of the inputs stacked along the batch dimension (`classifier_io.repeat_chunks`):
+        every tensor argument whose first dimension is the batch is repeated.
+        """
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
         passes = 1 if self.noise_mode == "mean" and not self.perturbation.training else num_samples
+        tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor) and value.dim()]
+        batch = len(tensors[0]) if tensors else 1
+
+        def stacked(value, copies):
+            if isinstance(value, torch.Tensor) and value.dim() and len(value) == batch and copies > 1:
+                return value.repeat(copies, *([1] * (value.dim() - 1)))
+            return value
+
         total = 0.0
-        for _ in range(passes):
-            total = total + logits_of(self(*args, **kwargs)).softmax(dim=-1)
+        for copies in repeat_chunks(batch, passes):
+            output = self(*(stacked(a, copies) for a in args), **{k: stacked(v, copies) for k, v in kwargs.items()})
+            total = total + logits_of(output).float().softmax(dim=-1).view(copies, batch, -1).sum(0)
         return total / passes
 
     def save_pretrained(self, save_directory: str | Path) -> None:

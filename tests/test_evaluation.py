@@ -9,7 +9,7 @@ from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
-from metaperturb_hf import evaluation, modeling_metaperturb
+from metaperturb_hf import classifier_io, evaluation, modeling_metaperturb
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.data import ImageTensors, normalize
 from metaperturb_hf.evaluation import (
@@ -138,7 +138,7 @@ def test_chunked_draws_keep_each_image_with_its_own_draws(monkeypatch):
     """With the noise pinned to 0 every draw is the same pass, so the MC average must equal it exactly."""
     model = perturbed_conv4()
     x = torch.randn(5, 3, 16, 16) * torch.linspace(0.5, 3, 5).view(5, 1, 1, 1)
-    monkeypatch.setattr(evaluation, "MAX_REPEATED_BATCH", 12)  # 2 copies per pass: chunks of 2, 2, 2, 1
+    monkeypatch.setattr(classifier_io, "MAX_REPEATED_BATCH", 12)  # 2 copies per pass: chunks of 2, 2, 2, 1
     monkeypatch.setattr(modeling_metaperturb, "_sample_noise", torch.zeros_like)
     probs = predict_proba(model, x, num_samples=7, batch_size=5)
     model.eval()

@@ -308,3 +308,21 @@ def test_one_module_holding_two_sites_perturbs_both_calls(perturbation):
     perturbed(torch.randn(4, 12))
     for key in perturbed.site_keys:
         assert perturbed.site_statistics[key].running_mean.abs().sum() > 0
+
+
+def test_predict_proba_stacks_the_draws_of_keyword_inputs(perturbation, monkeypatch):
+    """With the noise pinned to 0 every draw is the same pass, so 7 draws in chunks of 2 must equal one pass."""
+    from metaperturb_hf import classifier_io, modeling_metaperturb
+
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=4)
+    perturbed = add_perturbation(ResNetForImageClassification(config), perturbation).eval()
+    x = torch.randn(3, 3, 32, 32)
+    monkeypatch.setattr(modeling_metaperturb, "_sample_noise", torch.zeros_like)
+    monkeypatch.setattr(classifier_io, "MAX_REPEATED_BATCH", 6)  # 2 copies per pass
+    passes = []
+    perturbed.register_forward_pre_hook(lambda module, args, kwargs: passes.append(len(kwargs["pixel_values"])),
+                                        with_kwargs=True)
+    probs = perturbed.predict_proba(pixel_values=x, num_samples=7)
+    assert passes == [6, 6, 6, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(probs, perturbed(pixel_values=x).logits.softmax(-1))
