@@ -5,7 +5,7 @@ Data: scikit-learn's handwritten digits (ships with the package; no download), u
 project meta-trained on Tiny ImageNet with Conv4 (hub_cards/metaperturb-tin-conv4). Prints a table of test accuracy
 (mean ± std over seeds), writes the records and a bar chart to quickstart-output/.
 
-    python examples/quickstart.py             # 3 seeds, about 4 minutes on 2 CPU cores
+    python examples/quickstart.py             # 3 seeds, about 5 minutes on 2 CPU cores
     python examples/quickstart.py --quick     # 1 seed, a few steps: a smoke test
 """
 
