@@ -159,13 +159,18 @@ def _results(results: dict[str, list[dict]], source: str | None) -> tuple[str, l
         shown = [r for r in records if (r["target"], r["arch"]) in steps]
         sections.append(f"From `{label}`:\n\n{markdown_table(shown)}")
         baseline = accuracy_cells([r for r in shown if r["method"] == "none"])
+        target_steps = defaultdict(list)
+        for (target, _), counts in steps.items():
+            target_steps[target].append(counts)
         for (target, arch, column), values in sorted(accuracy_cells(mine).items()):
             mean = statistics.mean(values)
             evals.append(EvalResult(
                 task_type="image-classification",
-                task_name=f"{arch} trained on {target}, {_text(sorted(steps[(target, arch)]))} steps",
+                # The hub groups results by task and dataset only, so the network goes into the metric's name.
+                task_name=f"transfer to {target}, {_text(sorted(set().union(*target_steps[target])))} steps",
                 dataset_type=target, dataset_name=target, dataset_split="test", metric_type="accuracy",
-                metric_name=f"{column}, accuracy (%), mean of {len(values)} seeds", metric_value=round(mean, 2)))
+                metric_name=f"{column} on {arch}, accuracy (%), mean of {len(values)} seeds",
+                metric_value=round(mean, 2)))
             if column == f"metaperturb [{source}]" and (target, arch, "none") in baseline:
                 comparisons += 1
                 wins += mean > statistics.mean(baseline[(target, arch, "none")])

@@ -33,8 +33,9 @@ def card_facts(card: ModelCard) -> dict[str, str]:
 
 def eval_cells(card: ModelCard) -> list[tuple]:
     """(target, arch, column, value) of every model-index result, as build_model_card names them."""
-    return sorted((e.dataset_name, e.task_name.split(" trained on ")[0], e.metric_name.split(", accuracy")[0],
-                   e.metric_value) for e in card.data.eval_results or [])
+    cells = [(e.dataset_name, *e.metric_name.split(", accuracy")[0].rsplit(" on ", 1), e.metric_value)
+             for e in card.data.eval_results or []]
+    return sorted((target, arch, column, value) for target, column, arch, value in cells)
 
 
 def expected_cells(results: dict[str, list[dict]], source: str) -> list[tuple]:
