@@ -2,8 +2,10 @@
 
 For each perturbation function and network it runs one training-mode forward pass (κ = 1, batch statistics) over
 128 training images of a target and records, per site, the mean channel scale s, the mean noise z, and the mean and
-standard deviation of the multiplier s·z (output / input). A multiplier far below 1 with a large spread is strong
-regularization, which a short transfer schedule may not absorb. Appends one JSON line per (φ, network, site) to
+standard deviation of the multiplier s·z (output / input); and, once per φ, the mean |value| of each of its
+parameter tensors (a noise generator still near its N(0, 0.01) start gives μ ≈ 0: noise independent of the input).
+A multiplier far below 1 with a large spread is strong
+regularization, which a short transfer schedule may not absorb. Appends one JSON line per φ and per (φ, network, site) to
 benchmarks/results/phi_statistics.jsonl.
 
     python benchmarks/phi_statistics.py [--target ../shared/data/cifar10_32] [--archs conv4,resnet20]
@@ -63,6 +65,11 @@ def main():
             if not Path(path).exists():
                 print(f"skipping {name}: {path} is absent")
                 continue
+            phi = load_perturbation(path)
+            weights = {"phi": name, "mean_abs": {key: round(value.abs().mean().item(), 4)
+                                                 for key, value in phi.state_dict().items()}}
+            out.write(json.dumps(weights) + "\n")
+            print(json.dumps(weights))
             for arch in args.archs.split(","):
                 model = apply_method(build_classifier(arch, len(train.class_names), images.shape[-1], seed=0),
                                      "metaperturb", images.shape[-1], load_perturbation(path))

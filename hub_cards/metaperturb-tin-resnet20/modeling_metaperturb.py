@@ -349,7 +349,7 @@ class MetaPerturbModel(PreTrainedModel):
                 f"hidden_states must be floating point, got {hidden_states.dtype}; cast the input with .float()."
             )
         parameter = self.scale_weight
-        if (hidden_states.dtype != parameter.dtype and not torch.is_autocast_enabled(hidden_states.device.type)):
+        if hidden_states.dtype != parameter.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
             raise TypeError(
                 f"the features are {hidden_states.dtype} but φ is {parameter.dtype}; cast one to the other "
                 f"(perturbed.to({hidden_states.dtype}) for a wrapped model) or run under torch.autocast."
