@@ -4,6 +4,8 @@ This file imports only torch, transformers and its own configuration, so that a 
 carries it can be loaded with `trust_remote_code=True` where `metaperturb_hf` is not installed.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -38,11 +40,27 @@ class _Settings(NamedTuple):
     monitor: bool  # also return the mean noise
 
 
+def _depthwise_input(features: torch.Tensor) -> torch.Tensor:
+    """`features` as the input of a depthwise convolution.
+
+    A single-channel map (a channel mean) becomes one image with the batch as its channels: oneDNN's single-channel
+    convolution is 4× slower on CPU than a depthwise one over the batch.
+    """
+    if features.shape[1] == 1:
+        return features.reshape(1, features.shape[0], *features.shape[2:])
+    return features
+
+
+def _kernel_per_channel(kernel: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    return kernel.to(dtype).reshape(1, 1, *kernel.shape[-2:]).expand(channels, 1, -1, -1).contiguous()
+
+
 def _stencil(features: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """One 3×3 kernel applied to every channel alone: a depthwise convolution (fast in channels-last on CPU)."""
-    channels = features.shape[1]
-    weight = kernel.to(features.dtype).reshape(1, 1, *kernel.shape[-2:]).expand(channels, 1, -1, -1).contiguous()
-    return F.conv2d(features, weight, padding=kernel.shape[-1] // 2, groups=channels)
+    inputs = _depthwise_input(features)
+    channels = inputs.shape[1]
+    weight = _kernel_per_channel(kernel, channels, inputs.dtype)
+    return F.conv2d(inputs, weight, padding=kernel.shape[-1] // 2, groups=channels).view(features.shape)
 
 
 def _stencil_transposed(grad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -52,11 +70,12 @@ def _stencil_transposed(grad: torch.Tensor, kernel: torch.Tensor) -> torch.Tenso
 
 def _stencil_kernel_grad(grad: torch.Tensor, features: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """The gradient of a kernel shared by all channels: the per-channel weight gradients, summed."""
-    channels = features.shape[1]
-    weight = kernel.to(features.dtype).reshape(1, 1, *kernel.shape[-2:]).expand(channels, 1, -1, -1).contiguous()
+    inputs, grad = _depthwise_input(features), _depthwise_input(grad)
+    channels = inputs.shape[1]
+    weight = _kernel_per_channel(kernel, channels, inputs.dtype)
     pad = kernel.shape[-1] // 2
     per_channel = torch.ops.aten.convolution_backward(
-        grad, features, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], channels, [False, True, False]
+        grad, inputs, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], channels, [False, True, False]
     )[1]
     return per_channel.sum(0, dtype=kernel.dtype).view(kernel.shape)
 
@@ -71,6 +90,37 @@ def _hidden_layer(x: torch.Tensor, channel_mean: torch.Tensor, identity_kernels,
     return _stencil(x, identity_kernels[0]).add_(_stencil(channel_mean, mean_kernels[0])).relu_()
 
 
+# A CPU noise draw is split into this many streams, each seeded from the default generator: torch's CPU generator
+# runs on one core, so two threads halve the draw (the largest single cost of a step), and the result depends only
+# on the seed, not on the thread count.
+_NOISE_STREAMS = 2
+_NOISE_SPLIT_MIN_ELEMENTS = 1 << 16
+_noise_threads: dict[int, ThreadPoolExecutor] = {}  # one pool per process id: a forked child must not reuse its parent's
+
+
+def _fill_standard_normal(out: torch.Tensor) -> torch.Tensor:
+    if out.device.type != "cpu" or out.numel() < _NOISE_SPLIT_MIN_ELEMENTS:
+        return out.normal_()
+    seeds = torch.randint(2**62, (_NOISE_STREAMS,), dtype=torch.int64).tolist()
+    first, *rest = zip(out.view(-1).chunk(_NOISE_STREAMS), seeds)
+    pending = []
+    if torch.get_num_threads() > 1:
+        if os.getpid() not in _noise_threads:
+            _noise_threads[os.getpid()] = ThreadPoolExecutor(_NOISE_STREAMS - 1, "metaperturb-noise")
+        pending = [_noise_threads[os.getpid()].submit(_fill_from_seed, *stream) for stream in rest]
+    else:
+        for stream in rest:
+            _fill_from_seed(*stream)
+    _fill_from_seed(*first)
+    for job in pending:
+        job.result()
+    return out
+
+
+def _fill_from_seed(chunk: torch.Tensor, seed: int) -> None:
+    chunk.normal_(generator=torch.Generator().manual_seed(seed))
+
+
 def _sample_noise(mu: torch.Tensor) -> torch.Tensor:
     """ε ~ N(0, 1) shaped and laid out like `mu`.
 
@@ -78,9 +128,10 @@ def _sample_noise(mu: torch.Tensor) -> torch.Tensor:
     strided path on CPU (6× slower).
     """
     if mu.is_contiguous():
-        return torch.randn_like(mu)
+        return _fill_standard_normal(torch.empty_like(mu))
     batch, channels, height, width = mu.shape
-    return torch.randn(batch, height, width, channels, dtype=mu.dtype, device=mu.device).permute(0, 3, 1, 2)
+    noise = torch.empty(batch, height, width, channels, dtype=mu.dtype, device=mu.device)
+    return _fill_standard_normal(noise).permute(0, 3, 1, 2)
 
 
 def _expected_noise_and_slope(mu: torch.Tensor, num_nodes: int, with_slope: bool):
@@ -167,16 +218,15 @@ class _PerturbFunction(torch.autograd.Function):
         if settings.expected_noise:
             z, slope = _expected_noise_and_slope(noise_state, settings.expected_noise_nodes, with_slope=True)
         else:
-            z, slope = noise_state, torch.expm1(-noise_state).neg_()
+            z, slope = noise_state, noise_state.neg().expm1_().neg_()
         scale_coeff = (scale * coeff).to(x.dtype).view(1, channels, 1, 1)
         multiplier = torch.addcmul(x.new_tensor(1.0 - coeff), z, scale_coeff)
         grad = grad_output.contiguous(memory_format=torch.channels_last)
         if ctx.clipped:
             grad = grad * (x * multiplier <= settings.clip_value)
-        grad_input = grad * multiplier  # through h itself
         grad_multiplier = grad * x
         grad_scale = (grad_multiplier * z).sum(dim=(0, 2, 3), dtype=scale.dtype) * coeff  # (C,)
-        grad_mu = (grad_multiplier * scale_coeff).mul_(slope)
+        grad_mu = grad_multiplier.mul_(slope.mul_(scale_coeff))
 
         # μ = λ₂ ⋆ hidden + γ₂ ⋆ mean_c(hidden)
         grad_mu_channel_sum = grad_mu.sum(dim=1, keepdim=True)
@@ -185,7 +235,7 @@ class _PerturbFunction(torch.autograd.Function):
         grad_hidden.mul_(hidden_active)
         # hidden = ReLU(λ₁ ⋆ h + γ₁ ⋆ mean_c(h))
         grad_hidden_channel_sum = grad_hidden.sum(dim=1, keepdim=True)
-        grad_input.add_(_stencil_transposed(grad_hidden, identity_kernels[0]))
+        grad_input = _stencil_transposed(grad_hidden, identity_kernels[0]).addcmul_(grad, multiplier)  # + through h
         grad_input.add_(_stencil_transposed(grad_hidden_channel_sum, mean_kernels[0]), alpha=1.0 / channels)
 
         # s = sigmoid(features · w); features = [batch mean, batch var, descriptors] of the pooled responses
