@@ -22,6 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
 from metaperturb_hf.architectures import create_model
@@ -136,6 +137,25 @@ class Setup:
 
         return run
 
+    def full_size_kernels_per_site(self) -> int:
+        """How many kernels of φ's frozen forward and backward at the first site read or write a tensor as large as
+        its features: each is at least one pass over memory."""
+        shape = self.site_shapes()[0]
+        features = torch.randn(shape, device=self.device).contiguous(memory_format=torch.channels_last)
+        upstream = torch.randn_like(features)
+        features.requires_grad_()
+        statistics_ = torch.zeros(shape[1], self.phi.config.num_stat_filters, device=self.device)
+        counter = _FullSizeKernelCounter(features.numel())
+        with counter:
+            torch.autograd.grad(self.phi(features, statistics_, statistics_.clone(), 64, 32), features, upstream)
+        return counter.count
+
+    def elementwise_pass_ops(self):
+        """One elementwise pass (a negation into a new tensor) over every site's features."""
+        maps = [torch.randn(shape, device=self.device).contiguous(memory_format=torch.channels_last)
+                for shape in self.site_shapes()]
+        return lambda: [features.neg() for features in maps]
+
     @torch.no_grad()
     def plain_eval(self):
         self.plain.eval()
@@ -148,6 +168,22 @@ class Setup:
             predict_proba(self.perturbed, self.x, num_samples=samples, batch_size=BATCH)
 
         return run
+
+
+class _FullSizeKernelCounter(TorchDispatchMode):
+    """Counts the kernels that read or write a tensor of at least `numel` elements (allocations and views aside)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        touched = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        allocation = func.__name__.startswith(("empty", "new_"))
+        if not allocation and not func.is_view and any(t.numel() >= self.numel for t in touched):
+            self.count += 1
+        return out
 
 
 def saved_for_backward_mib(step) -> float:
@@ -215,6 +251,9 @@ def main():
         plain, floor_ops = interleaved(frozen.plain_step, frozen.eager_floor_ops(), device, args.repeats)
         emit({"arch": arch, "measure": "frozen_train_step_eager_floor", "plain_s": plain, "floor_ops_s": floor_ops,
               "ratio": (plain + floor_ops) / plain, "stencils_per_site": FLOOR_STENCILS_PER_SITE})
+        plain, one_pass = interleaved(frozen.plain_step, frozen.elementwise_pass_ops(), device, args.repeats)
+        emit({"arch": arch, "measure": "elementwise_pass_over_all_sites", "plain_s": plain, "pass_s": one_pass,
+              "ratio": one_pass / plain, "full_size_kernels_per_site": frozen.full_size_kernels_per_site()})
         meta = Setup(arch, device, trainable=True, memory_format=memory_format)
         two_plain, meta_s = interleaved(meta.two_plain_steps, meta.meta_step, device, args.repeats)
         emit({"arch": arch, "measure": "meta_train_step_vs_two_plain", "plain_s": two_plain, "perturbed_s": meta_s,

@@ -2,9 +2,9 @@
 
 Builds the meta-training tasks from the source data (the train split of Tiny ImageNet by default), runs `--warmup`
 steps of `MetaTrainer`, then profiles `--steps` more and prints one JSON line: wall seconds per step, the share of
-each part (from torch.profiler's inclusive CPU time of its region), and the same step's cost against two plain
-training steps per task (the `meta_train_step_vs_two_plain` ratio of benchmarks/overhead.py). With one process there
-is no all-reduce; its cost on two gloo processes is in benchmarks/results/meta_training_throughput.jsonl.
+each part (from torch.profiler's inclusive CPU time of its region). The step against two plain training steps is
+the `meta_train_step_vs_two_plain` ratio of benchmarks/overhead.py. With one process there is no all-reduce; its cost
+on two gloo processes is in benchmarks/results/meta_training_throughput.jsonl.
 
     python benchmarks/profile_meta_step.py [--arch conv4] [--num-groups 2] [--steps 3]
 """
