@@ -6,6 +6,7 @@ Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per me
   (c) evaluation: single pass ("mean" mode) and MC with K = 1, 5, 100 / one plain forward;
   (d) memory of a training step with / without the perturbation (CUDA: the allocator's peak; CPU: the storages
       autograd saves for backward, counted once each);
+  (a', d') (a) and (d) with φ's activation checkpointing on (it saves only its input and recomputes the rest);
   (e) the eager floor of (a): a plain step plus only the kernels that any eager implementation of φ's exact math
       must launch (one noise draw and twelve depthwise 3×3 stencils per site), to tell a slow implementation from an
       unreachable target.
@@ -27,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.evaluation import predict_proba
-from metaperturb_hf.modeling_metaperturb import _sample_noise, _stencil
+from metaperturb_hf.modeling_metaperturb import _noise_seeds, _sample_noise, _stencil
 
 BATCH, SIZE, CLASSES = 128, 32, 40
 # Issue 6's targets on a 2-core CPU, as (arch, measure) -> largest acceptable ratio.
@@ -36,6 +37,9 @@ TARGETS = {
     ("conv4", "frozen_train_step"): 1.50, ("conv4", "meta_train_step_vs_two_plain"): 1.70,
     ("resnet20", "saved_activations_train_step"): 1.5, ("conv4", "saved_activations_train_step"): 1.5,
     ("resnet20", "peak_memory_train_step"): 1.5, ("conv4", "peak_memory_train_step"): 1.5,
+    ("resnet20", "frozen_train_step_checkpointed"): 1.30, ("conv4", "frozen_train_step_checkpointed"): 1.50,
+    ("resnet20", "saved_activations_train_step_checkpointed"): 1.5,
+    ("conv4", "saved_activations_train_step_checkpointed"): 1.5,
 }
 # Stencils per site in a frozen training step that no exact eager implementation avoids: forward λ₁ (hidden), λ₂ (μ)
 # and the four statistics filters; backward the transposed stencil of each of these six.
@@ -69,13 +73,15 @@ def interleaved(a, b, device, repeats: int, warmup: int = 2) -> tuple[float, flo
 class Setup:
     """A plain network and a perturbed copy of it (same weights), with their optimizers and data."""
 
-    def __init__(self, arch: str, device, trainable: bool, memory_format=torch.channels_last):
+    def __init__(self, arch: str, device, trainable: bool, memory_format=torch.channels_last,
+                 checkpointing: bool = False):
         torch.manual_seed(0)
         self.device = device
         self.plain = create_model(arch, CLASSES).to(device, memory_format=memory_format)
         self.twin = create_model(arch, CLASSES).to(device, memory_format=memory_format)
         self.twin.load_state_dict(self.plain.state_dict())
         self.phi = MetaPerturbModel(MetaPerturbConfig()).to(device)
+        self.phi.gradient_checkpointing = checkpointing  # what activation_checkpointing_enable() sets
         self.perturbed = add_perturbation(self.twin, self.phi, trainable=trainable).to(device)
         self.plain_opt = torch.optim.Adam(self.plain.parameters(), lr=1e-3)
         self.twin_opt = torch.optim.Adam(self.twin.parameters(), lr=1e-3)
@@ -131,7 +137,7 @@ class Setup:
 
         def run():
             for features in maps:
-                _sample_noise(features)
+                _sample_noise(features, _noise_seeds())
                 for _ in range(FLOOR_STENCILS_PER_SITE):
                     _stencil(features, kernel)
 
@@ -206,7 +212,7 @@ def saved_for_backward_mib(step) -> float:
 
 def peak_memory_mib(arch: str, variant: str, device, memory_format) -> float:
     """CUDA: the allocator's peak during a training step; CPU: the activations saved for backward."""
-    setup = Setup(arch, device, trainable=False, memory_format=memory_format)
+    setup = Setup(arch, device, trainable=False, memory_format=memory_format, checkpointing=variant == "checkpointed")
     step = setup.plain_step if variant == "plain" else setup.frozen_step
     if device.type != "cuda":
         return saved_for_backward_mib(step)
@@ -248,6 +254,10 @@ def main():
         plain, with_phi = interleaved(frozen.plain_step, frozen.frozen_step, device, args.repeats)
         emit({"arch": arch, "measure": "frozen_train_step", "plain_s": plain, "perturbed_s": with_phi,
               "ratio": with_phi / plain})
+        checkpointed = Setup(arch, device, trainable=False, memory_format=memory_format, checkpointing=True)
+        plain, with_phi = interleaved(checkpointed.plain_step, checkpointed.frozen_step, device, args.repeats)
+        emit({"arch": arch, "measure": "frozen_train_step_checkpointed", "plain_s": plain, "perturbed_s": with_phi,
+              "ratio": with_phi / plain})
         plain, floor_ops = interleaved(frozen.plain_step, frozen.eager_floor_ops(), device, args.repeats)
         emit({"arch": arch, "measure": "frozen_train_step_eager_floor", "plain_s": plain, "floor_ops_s": floor_ops,
               "ratio": (plain + floor_ops) / plain, "stencils_per_site": FLOOR_STENCILS_PER_SITE})
@@ -263,9 +273,12 @@ def main():
             plain, perturbed = interleaved(frozen.plain_eval, frozen.perturbed_eval(mode, samples), device, repeats)
             emit({"arch": arch, "measure": f"eval_{'single_pass' if mode == 'mean' else f'mc{samples}'}",
                   "plain_s": plain, "perturbed_s": perturbed, "ratio": perturbed / plain})
-        plain_mib, perturbed_mib = (peak_memory_mib(arch, variant, device, memory_format) for variant in ("plain", "perturbed"))
-        emit({"arch": arch, "measure": "peak_memory_train_step" if device.type == "cuda" else "saved_activations_train_step", "plain_mib": plain_mib, "perturbed_mib": perturbed_mib,
-              "ratio": perturbed_mib / plain_mib if plain_mib else None})
+        memory = "peak_memory_train_step" if device.type == "cuda" else "saved_activations_train_step"
+        plain_mib = peak_memory_mib(arch, "plain", device, memory_format)
+        for variant, suffix in (("perturbed", ""), ("checkpointed", "_checkpointed")):
+            perturbed_mib = peak_memory_mib(arch, variant, device, memory_format)
+            emit({"arch": arch, "measure": memory + suffix, "plain_mib": plain_mib, "perturbed_mib": perturbed_mib,
+                  "ratio": perturbed_mib / plain_mib if plain_mib else None})
 
 
 if __name__ == "__main__":

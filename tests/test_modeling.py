@@ -118,7 +118,7 @@ def test_large_noise_draws_are_standard_normal_seeded_and_independent_of_the_thr
         for num_threads in (1, 2):
             torch.set_num_threads(num_threads)
             torch.manual_seed(3)
-            draws.append(modeling_metaperturb._sample_noise(mu))
+            draws.append(modeling_metaperturb._sample_noise(mu, modeling_metaperturb._noise_seeds()))
     finally:
         torch.set_num_threads(threads)
     assert draws[0].is_contiguous(memory_format=torch.channels_last)

@@ -37,6 +37,14 @@ def plain_phi(phi, h, mean, var, channel_norm, spatial_norm, kappa, eps, clip, e
     return out if clip is None else out.clamp(max=clip)
 
 
+def enable_activation_checkpointing(phi):
+    """transformers' switch: `activation_checkpointing_enable`, called `gradient_checkpointing_enable` before."""
+    enable = getattr(phi, "activation_checkpointing_enable", None) or phi.gradient_checkpointing_enable
+    enable()
+    assert phi.gradient_checkpointing
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize(
     "training, kappa, clip, expected_noise, channels_last",
     [
@@ -47,9 +55,11 @@ def plain_phi(phi, h, mean, var, channel_norm, spatial_norm, kappa, eps, clip, e
         (False, 0.8, None, True, False),
     ],
 )
-def test_hand_written_backward_matches_autograd(training, kappa, clip, expected_noise, channels_last):
+def test_hand_written_backward_matches_autograd(training, kappa, clip, expected_noise, channels_last, checkpointing):
     torch.manual_seed(0)
     phi = MetaPerturbModel(MetaPerturbConfig(initializer_range=0.5)).double().train(training)
+    if checkpointing:
+        enable_activation_checkpointing(phi)
     h = torch.randn(3, 5, 6, 7, dtype=torch.float64)
     if channels_last:
         h = h.contiguous(memory_format=torch.channels_last)
@@ -82,3 +92,41 @@ def test_frozen_phi_gets_no_gradients_and_input_gradients_keep_their_layout():
     phi(x, torch.zeros(6, 4), torch.ones(6, 4), 6, 8).sum().backward()
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
     assert all(p.grad is None for p in phi.parameters())
+
+
+def saved_bytes(step) -> int:
+    """Bytes of the distinct storages autograd keeps for backward during `step`."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = step()
+    return sum(storages.values()), result
+
+
+@pytest.mark.parametrize("size", [6, 64])  # one noise stream, and two streams drawn on two threads
+def test_checkpointing_redraws_the_same_noise_and_saves_only_the_input(size):
+    phi = MetaPerturbModel(MetaPerturbConfig(initializer_range=0.5)).train()
+    h = torch.randn(8, 16, size, size).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn_like(h)
+
+    def step():
+        phi.zero_grad()
+        x = h.clone().requires_grad_()
+        torch.manual_seed(7)
+        out = phi(x, torch.zeros(16, 4), torch.ones(16, 4), 16, 8)
+        out.backward(upstream)
+        return out.detach(), [x.grad] + [p.grad.clone() for p in phi.parameters()]
+
+    stored, (out, grads) = saved_bytes(step)
+    enable_activation_checkpointing(phi)
+    checkpointed_stored, (checkpointed_out, checkpointed_grads) = saved_bytes(step)
+    torch.testing.assert_close(checkpointed_out, out, atol=0, rtol=0)
+    for checkpointed, reference in zip(checkpointed_grads, grads):
+        torch.testing.assert_close(checkpointed, reference)
+    # Without checkpointing φ keeps the input, the noise (a float each) and the hidden layer's mask (a byte each).
+    assert stored - checkpointed_stored >= h.numel() * 5
+    assert checkpointed_stored < h.numel() * 5  # the input, and per-channel statistics far smaller than a byte each

@@ -38,6 +38,7 @@ class _Settings(NamedTuple):
     training: bool
     stat_momentum: float
     monitor: bool  # also return the mean noise
+    recompute: bool  # activation checkpointing: save only the input (and the noise's seeds), recompute the rest
 
 
 def _depthwise_input(features: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,22 @@ def _hidden_layer(x: torch.Tensor, channel_mean: torch.Tensor, identity_kernels,
     return _stencil(x, identity_kernels[0]).add_(_stencil(channel_mean, mean_kernels[0])).relu_()
 
 
+def _noise_generator(x: torch.Tensor, channel_mean: torch.Tensor, identity_kernels, mean_kernels):
+    """The hidden layer and μ = λ₂ ⋆ hidden + γ₂ ⋆ mean_c(hidden)."""
+    hidden = _hidden_layer(x, channel_mean, identity_kernels, mean_kernels)
+    return hidden, _stencil(hidden, identity_kernels[1]).add_(_channel_mean_conv(hidden, mean_kernels[1]))
+
+
+def _noise(mu: torch.Tensor, noise: torch.Tensor | None, seeds: list[int] | None, settings: _Settings):
+    """z = softplus(μ + ε) (μ is overwritten), and what the backward keeps of it: z itself, whose slope in μ is
+    sigmoid(μ + ε) = 1 − exp(−z), or μ in the expected-noise mode."""
+    if settings.expected_noise:
+        z, _ = _expected_noise_and_slope(mu, settings.expected_noise_nodes, with_slope=False)
+        return z, mu
+    z = F.softplus(mu.add_(noise.to(mu.dtype) if noise is not None else _sample_noise(mu, seeds)))
+    return z, z
+
+
 # A CPU noise draw is split into this many streams, each seeded from the default generator: torch's CPU generator
 # runs on one core, so two threads halve the draw (the largest single cost of a step), and the result depends only
 # on the seed, not on the thread count.
@@ -98,10 +115,15 @@ _NOISE_SPLIT_MIN_ELEMENTS = 1 << 16
 _noise_threads: dict[int, ThreadPoolExecutor] = {}  # one pool per process id: a forked child must not reuse its parent's
 
 
-def _fill_standard_normal(out: torch.Tensor) -> torch.Tensor:
+def _noise_seeds() -> list[int]:
+    """Seeds of one noise draw, from the default generator: `torch.manual_seed` fixes the draw, and a backward that
+    recomputes the noise draws it again from the same seeds."""
+    return torch.randint(2**62, (_NOISE_STREAMS,), dtype=torch.int64).tolist()
+
+
+def _fill_standard_normal(out: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     if out.device.type != "cpu" or out.numel() < _NOISE_SPLIT_MIN_ELEMENTS:
-        return out.normal_()
-    seeds = torch.randint(2**62, (_NOISE_STREAMS,), dtype=torch.int64).tolist()
+        return out.normal_(generator=torch.Generator(out.device).manual_seed(seeds[0]))
     first, *rest = zip(out.view(-1).chunk(_NOISE_STREAMS), seeds)
     pending = []
     if torch.get_num_threads() > 1:
@@ -121,17 +143,17 @@ def _fill_from_seed(chunk: torch.Tensor, seed: int) -> None:
     chunk.normal_(generator=torch.Generator().manual_seed(seed))
 
 
-def _sample_noise(mu: torch.Tensor) -> torch.Tensor:
-    """ε ~ N(0, 1) shaped and laid out like `mu`.
+def _sample_noise(mu: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """ε ~ N(0, 1) shaped and laid out like `mu`, drawn from `seeds`.
 
     Drawn as a contiguous block and viewed in `mu`'s layout: `randn_like` on a channels-last tensor takes a slow
     strided path on CPU (6× slower).
     """
     if mu.is_contiguous():
-        return _fill_standard_normal(torch.empty_like(mu))
+        return _fill_standard_normal(torch.empty_like(mu), seeds)
     batch, channels, height, width = mu.shape
     noise = torch.empty(batch, height, width, channels, dtype=mu.dtype, device=mu.device)
-    return _fill_standard_normal(noise).permute(0, 3, 1, 2)
+    return _fill_standard_normal(noise, seeds).permute(0, 3, 1, 2)
 
 
 def _expected_noise_and_slope(mu: torch.Tensor, num_nodes: int, with_slope: bool):
@@ -152,9 +174,10 @@ class _PerturbFunction(torch.autograd.Function):
 
     Autograd through the plain expression saves a dozen full-size tensors and runs depthwise-convolution backward
     kernels that are far slower than forward ones on CPU. Here the forward saves the input, where the hidden layer is
-    active (one byte per element) and the noise z = softplus(μ + ε) (dz/dμ = sigmoid(μ + ε) = 1 − exp(−z)), or μ in
-    the expected-noise mode; the backward recomputes the rest and writes every input gradient as a forward stencil
-    with the flipped kernel. Kernel gradients (and the hidden layer they need) are computed only when φ is trained.
+    active (one byte per element) and the noise z (see `_noise`); the backward recomputes the rest and writes every
+    input gradient as a forward stencil with the flipped kernel. Kernel gradients (and the hidden layer they need)
+    are computed only when φ is trained. With activation checkpointing the forward saves only the input and the
+    noise's seeds, and the backward recomputes the hidden layer, μ and z as well.
     """
 
     @staticmethod
@@ -168,13 +191,9 @@ class _PerturbFunction(torch.autograd.Function):
                 "hidden_states contains NaN or Inf; the features reaching this site are already broken "
                 "(check the input data and the layers before it)."
             )
-        hidden = _hidden_layer(x, channel_mean, identity_kernels, mean_kernels)
-        mu = _stencil(hidden, identity_kernels[1]).add_(_channel_mean_conv(hidden, mean_kernels[1]))
-        if settings.expected_noise:
-            z, _ = _expected_noise_and_slope(mu, settings.expected_noise_nodes, with_slope=False)
-            noise_state = mu
-        else:
-            z = noise_state = F.softplus(mu.add_(noise.to(mu.dtype) if noise is not None else _sample_noise(mu)))
+        hidden, mu = _noise_generator(x, channel_mean, identity_kernels, mean_kernels)
+        ctx.seeds = _noise_seeds() if noise is None and not settings.expected_noise else None
+        z, noise_state = _noise(mu, noise, ctx.seeds, settings)
 
         pooled = torch.stack(
             [_stencil(x, kernel).relu_().mean(dim=(2, 3), dtype=scale_weight.dtype) for kernel in stat_kernels], dim=-1
@@ -201,19 +220,27 @@ class _PerturbFunction(torch.autograd.Function):
         ctx.settings = settings
         noise_mean = z.mean() if settings.monitor else z.new_zeros(())
         ctx.mark_non_differentiable(scale, noise_mean)
-        ctx.save_for_backward(x, hidden > 0, noise_state, pooled, features, scale, identity_kernels, mean_kernels,
+        recompute = settings.recompute
+        ctx.save_for_backward(x, None if recompute else hidden > 0, None if recompute else noise_state,
+                              noise if recompute else None, pooled, features, scale, identity_kernels, mean_kernels,
                               stat_kernels, scale_weight)
         return output, scale, noise_mean
 
     @staticmethod
     def backward(ctx, grad_output, grad_scale_unused, grad_noise_mean_unused):
         settings = ctx.settings
-        (x, hidden_active, noise_state, pooled, features, scale, identity_kernels, mean_kernels, stat_kernels,
+        (x, hidden_active, noise_state, noise, pooled, features, scale, identity_kernels, mean_kernels, stat_kernels,
          scale_weight) = ctx.saved_tensors
         batch, channels, height, width = x.shape
         needs_input, *needs_params = ctx.needs_input_grad[:5]
         train_phi = any(needs_params)
         coeff = settings.noise_coeff
+        channel_mean = hidden = None
+        if settings.recompute:
+            channel_mean = x.mean(dim=1, keepdim=True)
+            hidden, mu = _noise_generator(x, channel_mean, identity_kernels, mean_kernels)
+            _, noise_state = _noise(mu, noise, ctx.seeds, settings)
+            hidden_active = hidden > 0
 
         if settings.expected_noise:
             z, slope = _expected_noise_and_slope(noise_state, settings.expected_noise_nodes, with_slope=True)
@@ -259,8 +286,9 @@ class _PerturbFunction(torch.autograd.Function):
 
         grad_identity = grad_mean = None
         if train_phi:
-            channel_mean = x.mean(dim=1, keepdim=True)
-            hidden = _hidden_layer(x, channel_mean, identity_kernels, mean_kernels)
+            if hidden is None:
+                channel_mean = x.mean(dim=1, keepdim=True)
+                hidden = _hidden_layer(x, channel_mean, identity_kernels, mean_kernels)
             grad_identity = torch.stack([
                 _stencil_kernel_grad(grad_hidden, x, identity_kernels[0]),
                 _stencil_kernel_grad(grad_mu, hidden, identity_kernels[1]),
@@ -303,6 +331,9 @@ class MetaPerturbModel(PreTrainedModel):
     main_input_name = "hidden_states"
     # The expected-noise mode evaluates softplus at this many Gauss-Hermite nodes per element.
     expected_noise_nodes = 8
+    # `activation_checkpointing_enable()` (or the older `gradient_checkpointing_enable()`) makes φ save only its input
+    # for backward and recompute the rest: about a float and a quarter per element less, for a slower backward.
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: MetaPerturbConfig):
         super().__init__(config)
@@ -313,6 +344,7 @@ class MetaPerturbModel(PreTrainedModel):
         self.scale_weight = nn.Parameter(torch.empty(2 * config.num_stat_filters + 2))
         # Set to a list to collect (mean s, mean z) of every call, e.g. for logging during meta-training.
         self.monitor: list | None = None
+        self.gradient_checkpointing = False
         self.post_init()
 
     @classmethod
@@ -375,7 +407,8 @@ class MetaPerturbModel(PreTrainedModel):
         _, channels, height, width = h.shape
         descriptors = (channels / channel_norm, height / spatial_norm)
         settings = _Settings(float(noise_coeff), clip_value, descriptors, expected_noise, self.expected_noise_nodes,
-                             self.training, self.config.stat_momentum, self.monitor is not None)
+                             self.training, self.config.stat_momentum, self.monitor is not None,
+                             self.gradient_checkpointing and torch.is_grad_enabled())
         # φ computes in the features' own precision (its kernels are cast to it), so autocast has nothing to add.
         with torch.autocast(h.device.type, enabled=False):
             output, scale, noise_sample_mean = _PerturbFunction.apply(
