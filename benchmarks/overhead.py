@@ -10,7 +10,8 @@ Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per me
   (e) the eager floor of (a): a plain step plus only the kernels that any eager implementation of φ's exact math
       must launch (one noise draw and twelve depthwise 3×3 stencils per site), to tell a slow implementation from an
       unreachable target.
-Each pair is timed alternately, A then B, `--repeats` times after warm-up; ratios are of medians from the same run.
+The variants of one measurement are timed in turn, round after round, `--repeats` rounds after warm-up; ratios are of
+medians from the same rounds.
 
     python benchmarks/overhead.py [--device cuda] [--output benchmarks/results/overhead.jsonl]
 """
@@ -59,15 +60,16 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(a, b, device, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """Median seconds of a and of b, timed alternately so that machine noise hits both alike."""
+def interleaved(functions, device, repeats: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each function, timed in turn round after round, so that machine noise hits all alike."""
     for _ in range(warmup):
-        a(), b()
-    times_a, times_b = [], []
+        for function in functions:
+            function()
+    times = [[] for _ in functions]
     for _ in range(repeats):
-        times_a.append(timed(a, device))
-        times_b.append(timed(b, device))
-    return statistics.median(times_a), statistics.median(times_b)
+        for function, record in zip(functions, times):
+            record.append(timed(function, device))
+    return [statistics.median(record) for record in times]
 
 
 class Setup:
@@ -251,26 +253,25 @@ def main():
 
     for arch in args.archs.split(","):
         frozen = Setup(arch, device, trainable=False, memory_format=memory_format)
-        plain, with_phi = interleaved(frozen.plain_step, frozen.frozen_step, device, args.repeats)
+        checkpointed = Setup(arch, device, trainable=False, memory_format=memory_format, checkpointing=True)
+        plain, with_phi, with_checkpointed_phi, floor_ops, one_pass = interleaved(
+            [frozen.plain_step, frozen.frozen_step, checkpointed.frozen_step, frozen.eager_floor_ops(),
+             frozen.elementwise_pass_ops()], device, args.repeats)
         emit({"arch": arch, "measure": "frozen_train_step", "plain_s": plain, "perturbed_s": with_phi,
               "ratio": with_phi / plain})
-        checkpointed = Setup(arch, device, trainable=False, memory_format=memory_format, checkpointing=True)
-        plain, with_phi = interleaved(checkpointed.plain_step, checkpointed.frozen_step, device, args.repeats)
-        emit({"arch": arch, "measure": "frozen_train_step_checkpointed", "plain_s": plain, "perturbed_s": with_phi,
-              "ratio": with_phi / plain})
-        plain, floor_ops = interleaved(frozen.plain_step, frozen.eager_floor_ops(), device, args.repeats)
+        emit({"arch": arch, "measure": "frozen_train_step_checkpointed", "plain_s": plain,
+              "perturbed_s": with_checkpointed_phi, "ratio": with_checkpointed_phi / plain})
         emit({"arch": arch, "measure": "frozen_train_step_eager_floor", "plain_s": plain, "floor_ops_s": floor_ops,
               "ratio": (plain + floor_ops) / plain, "stencils_per_site": FLOOR_STENCILS_PER_SITE})
-        plain, one_pass = interleaved(frozen.plain_step, frozen.elementwise_pass_ops(), device, args.repeats)
         emit({"arch": arch, "measure": "elementwise_pass_over_all_sites", "plain_s": plain, "pass_s": one_pass,
               "ratio": one_pass / plain, "full_size_kernels_per_site": frozen.full_size_kernels_per_site()})
         meta = Setup(arch, device, trainable=True, memory_format=memory_format)
-        two_plain, meta_s = interleaved(meta.two_plain_steps, meta.meta_step, device, args.repeats)
+        two_plain, meta_s = interleaved([meta.two_plain_steps, meta.meta_step], device, args.repeats)
         emit({"arch": arch, "measure": "meta_train_step_vs_two_plain", "plain_s": two_plain, "perturbed_s": meta_s,
               "ratio": meta_s / two_plain})
         for mode, samples in (("mean", 1), ("sample", 1), ("sample", 5), ("sample", 100)):
             repeats = max(3, args.repeats // 3) if samples == 100 else args.repeats
-            plain, perturbed = interleaved(frozen.plain_eval, frozen.perturbed_eval(mode, samples), device, repeats)
+            plain, perturbed = interleaved([frozen.plain_eval, frozen.perturbed_eval(mode, samples)], device, repeats)
             emit({"arch": arch, "measure": f"eval_{'single_pass' if mode == 'mean' else f'mc{samples}'}",
                   "plain_s": plain, "perturbed_s": perturbed, "ratio": perturbed / plain})
         memory = "peak_memory_train_step" if device.type == "cuda" else "saved_activations_train_step"

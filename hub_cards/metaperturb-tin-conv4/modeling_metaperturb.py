@@ -278,11 +278,12 @@ class _PerturbFunction(torch.autograd.Function):
                 grad_pooled = grad_pooled + grad_features[None, :, num_filters:2 * num_filters] * 2 * centered / (batch - 1)
             grad_pooled = (grad_pooled / (height * width)).to(x.dtype).expand(batch, channels, num_filters)
             for k, kernel in enumerate(stat_kernels):
-                response = _stencil(x, kernel)
-                grad_response = response.gt_(0).mul_(grad_pooled[:, :, k, None, None])  # in place: keeps the layout
-                grad_input.add_(_stencil_transposed(grad_response, kernel))
+                active = _stencil(x, kernel).gt_(0)  # where ReLU(K ⋆ h) passes gradient; in place keeps the layout
+                grad_response_scale = grad_pooled[:, :, k, None, None]  # one value per (b, c) map ...
+                # ... so it commutes with the per-map stencil: one multiply-add instead of a multiply and an add
+                grad_input.addcmul_(_stencil_transposed(active, kernel), grad_response_scale)
                 if train_phi:
-                    grad_stat_kernels[k] = _stencil_kernel_grad(grad_response, x, kernel)
+                    grad_stat_kernels[k] = _stencil_kernel_grad(active.mul_(grad_response_scale), x, kernel)
 
         grad_identity = grad_mean = None
         if train_phi:
