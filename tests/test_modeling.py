@@ -110,23 +110,16 @@ def test_expected_noise_is_deterministic_and_the_mean_of_the_noise(perturbation)
     torch.testing.assert_close(single, sampled, atol=0.02, rtol=0.02)
 
 
-def test_large_noise_draws_are_standard_normal_seeded_and_independent_of_the_thread_count():
-    mu = torch.zeros(8, 16, 32, 32).contiguous(memory_format=torch.channels_last)  # large enough to be split
-    threads = torch.get_num_threads()
+def test_noise_draws_are_standard_normal_in_the_layout_of_the_features_and_fixed_by_the_seed():
+    mu = torch.zeros(8, 16, 32, 32).contiguous(memory_format=torch.channels_last)
     draws = []
-    try:
-        for num_threads in (1, 2):
-            torch.set_num_threads(num_threads)
-            torch.manual_seed(3)
-            draws.append(modeling_metaperturb._sample_noise(mu, modeling_metaperturb._noise_seeds()))
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(2):
+        torch.manual_seed(3)
+        draws.append(modeling_metaperturb._sample_noise(mu, modeling_metaperturb._noise_seed()))
     assert draws[0].is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(draws[0], draws[1], atol=0, rtol=0)
-    first_half, second_half = draws[0].permute(0, 2, 3, 1).reshape(2, -1)
-    for half in (first_half, second_half):  # each stream is N(0, 1) on its own, and the two are not one stream
-        assert abs(half.mean()) < 0.01 and abs(half.std() - 1) < 0.01
-    assert abs(torch.corrcoef(torch.stack([first_half, second_half]))[0, 1]) < 0.01
+    assert abs(draws[0].mean()) < 0.01 and abs(draws[0].std() - 1) < 0.01
+    assert not torch.equal(draws[0], modeling_metaperturb._sample_noise(mu, modeling_metaperturb._noise_seed()))
 
 
 def test_gradients_reach_phi_through_the_noise(perturbation):

@@ -4,8 +4,6 @@ This file imports only torch, transformers and its own configuration, so that a 
 carries it can be loaded with `trust_remote_code=True` where `metaperturb_hf` is not installed.
 """
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -38,7 +36,7 @@ class _Settings(NamedTuple):
     training: bool
     stat_momentum: float
     monitor: bool  # also return the mean noise
-    recompute: bool  # activation checkpointing: save only the input (and the noise's seeds), recompute the rest
+    recompute: bool  # activation checkpointing: save only the input (and the noise's seed), recompute the rest
 
 
 def _depthwise_input(features: torch.Tensor) -> torch.Tensor:
@@ -97,63 +95,38 @@ def _noise_generator(x: torch.Tensor, channel_mean: torch.Tensor, identity_kerne
     return hidden, _stencil(hidden, identity_kernels[1]).add_(_channel_mean_conv(hidden, mean_kernels[1]))
 
 
-def _noise(mu: torch.Tensor, noise: torch.Tensor | None, seeds: list[int] | None, settings: _Settings):
-    """z = softplus(μ + ε) (μ is overwritten), and what the backward keeps of it: z itself, whose slope in μ is
-    sigmoid(μ + ε) = 1 − exp(−z), or μ in the expected-noise mode."""
+def _noise_argument(mu: torch.Tensor, noise: torch.Tensor | None, seed: int | None, settings: _Settings):
+    """What the noise z is a function of: μ + ε (written into μ), or μ itself in the expected-noise mode."""
     if settings.expected_noise:
-        z, _ = _expected_noise_and_slope(mu, settings.expected_noise_nodes, with_slope=False)
-        return z, mu
-    z = F.softplus(mu.add_(noise.to(mu.dtype) if noise is not None else _sample_noise(mu, seeds)))
-    return z, z
+        return mu
+    return mu.add_(noise.to(mu.dtype) if noise is not None else _sample_noise(mu, seed))
 
 
-# A CPU noise draw is split into this many streams, each seeded from the default generator: torch's CPU generator
-# runs on one core, so two threads halve the draw (the largest single cost of a step), and the result depends only
-# on the seed, not on the thread count.
-_NOISE_STREAMS = 2
-_NOISE_SPLIT_MIN_ELEMENTS = 1 << 16
-_noise_threads: dict[int, ThreadPoolExecutor] = {}  # one pool per process id: a forked child must not reuse its parent's
+def _noise_and_slope(argument: torch.Tensor, settings: _Settings, with_slope: bool):
+    """z = softplus(μ + ε), or E_ε[softplus(μ + ε)] in the expected-noise mode, and its derivative in μ."""
+    if settings.expected_noise:
+        return _expected_noise_and_slope(argument, settings.expected_noise_nodes, with_slope)
+    return F.softplus(argument), torch.sigmoid(argument) if with_slope else None
 
 
-def _noise_seeds() -> list[int]:
-    """Seeds of one noise draw, from the default generator: `torch.manual_seed` fixes the draw, and a backward that
-    recomputes the noise draws it again from the same seeds."""
-    return torch.randint(2**62, (_NOISE_STREAMS,), dtype=torch.int64).tolist()
+def _noise_seed() -> int:
+    """The seed of one noise draw, from the default generator: `torch.manual_seed` fixes the draw, and a backward
+    that recomputes the noise draws it again from the same seed."""
+    return int(torch.randint(2**62, (), dtype=torch.int64))
 
 
-def _fill_standard_normal(out: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    if out.device.type != "cpu" or out.numel() < _NOISE_SPLIT_MIN_ELEMENTS:
-        return out.normal_(generator=torch.Generator(out.device).manual_seed(seeds[0]))
-    first, *rest = zip(out.view(-1).chunk(_NOISE_STREAMS), seeds)
-    pending = []
-    if torch.get_num_threads() > 1:
-        if os.getpid() not in _noise_threads:
-            _noise_threads[os.getpid()] = ThreadPoolExecutor(_NOISE_STREAMS - 1, "metaperturb-noise")
-        pending = [_noise_threads[os.getpid()].submit(_fill_from_seed, *stream) for stream in rest]
-    else:
-        for stream in rest:
-            _fill_from_seed(*stream)
-    _fill_from_seed(*first)
-    for job in pending:
-        job.result()
-    return out
-
-
-def _fill_from_seed(chunk: torch.Tensor, seed: int) -> None:
-    chunk.normal_(generator=torch.Generator().manual_seed(seed))
-
-
-def _sample_noise(mu: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """ε ~ N(0, 1) shaped and laid out like `mu`, drawn from `seeds`.
+def _sample_noise(mu: torch.Tensor, seed: int) -> torch.Tensor:
+    """ε ~ N(0, 1) shaped and laid out like `mu`, drawn from `seed`.
 
     Drawn as a contiguous block and viewed in `mu`'s layout: `randn_like` on a channels-last tensor takes a slow
     strided path on CPU (6× slower).
     """
+    generator = torch.Generator(mu.device).manual_seed(seed)
     if mu.is_contiguous():
-        return _fill_standard_normal(torch.empty_like(mu), seeds)
+        return torch.empty_like(mu).normal_(generator=generator)
     batch, channels, height, width = mu.shape
-    noise = torch.empty(batch, height, width, channels, dtype=mu.dtype, device=mu.device)
-    return _fill_standard_normal(noise, seeds).permute(0, 3, 1, 2)
+    noise = torch.empty(batch, height, width, channels, dtype=mu.dtype, device=mu.device).normal_(generator=generator)
+    return noise.permute(0, 3, 1, 2)
 
 
 def _expected_noise_and_slope(mu: torch.Tensor, num_nodes: int, with_slope: bool):
@@ -174,10 +147,10 @@ class _PerturbFunction(torch.autograd.Function):
 
     Autograd through the plain expression saves a dozen full-size tensors and runs depthwise-convolution backward
     kernels that are far slower than forward ones on CPU. Here the forward saves the input, where the hidden layer is
-    active (one byte per element) and the noise z (see `_noise`); the backward recomputes the rest and writes every
+    active (one byte per element) and the noise's argument μ + ε; the backward recomputes the rest and writes every
     input gradient as a forward stencil with the flipped kernel. Kernel gradients (and the hidden layer they need)
     are computed only when φ is trained. With activation checkpointing the forward saves only the input and the
-    noise's seeds, and the backward recomputes the hidden layer, μ and z as well.
+    noise's seed, and the backward recomputes the hidden layer, μ and z as well.
     """
 
     @staticmethod
@@ -192,8 +165,9 @@ class _PerturbFunction(torch.autograd.Function):
                 "(check the input data and the layers before it)."
             )
         hidden, mu = _noise_generator(x, channel_mean, identity_kernels, mean_kernels)
-        ctx.seeds = _noise_seeds() if noise is None and not settings.expected_noise else None
-        z, noise_state = _noise(mu, noise, ctx.seeds, settings)
+        ctx.seed = _noise_seed() if noise is None and not settings.expected_noise else None
+        noise_argument = _noise_argument(mu, noise, ctx.seed, settings)
+        z, _ = _noise_and_slope(noise_argument, settings, with_slope=False)
 
         pooled = torch.stack(
             [_stencil(x, kernel).relu_().mean(dim=(2, 3), dtype=scale_weight.dtype) for kernel in stat_kernels], dim=-1
@@ -221,7 +195,7 @@ class _PerturbFunction(torch.autograd.Function):
         noise_mean = z.mean() if settings.monitor else z.new_zeros(())
         ctx.mark_non_differentiable(scale, noise_mean)
         recompute = settings.recompute
-        ctx.save_for_backward(x, None if recompute else hidden > 0, None if recompute else noise_state,
+        ctx.save_for_backward(x, None if recompute else hidden > 0, None if recompute else noise_argument,
                               noise if recompute else None, pooled, features, scale, identity_kernels, mean_kernels,
                               stat_kernels, scale_weight)
         return output, scale, noise_mean
@@ -229,7 +203,7 @@ class _PerturbFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, grad_scale_unused, grad_noise_mean_unused):
         settings = ctx.settings
-        (x, hidden_active, noise_state, noise, pooled, features, scale, identity_kernels, mean_kernels, stat_kernels,
+        (x, hidden_active, noise_argument, noise, pooled, features, scale, identity_kernels, mean_kernels, stat_kernels,
          scale_weight) = ctx.saved_tensors
         batch, channels, height, width = x.shape
         needs_input, *needs_params = ctx.needs_input_grad[:5]
@@ -239,13 +213,10 @@ class _PerturbFunction(torch.autograd.Function):
         if settings.recompute:
             channel_mean = x.mean(dim=1, keepdim=True)
             hidden, mu = _noise_generator(x, channel_mean, identity_kernels, mean_kernels)
-            _, noise_state = _noise(mu, noise, ctx.seeds, settings)
+            noise_argument = _noise_argument(mu, noise, ctx.seed, settings)
             hidden_active = hidden > 0
 
-        if settings.expected_noise:
-            z, slope = _expected_noise_and_slope(noise_state, settings.expected_noise_nodes, with_slope=True)
-        else:
-            z, slope = noise_state, noise_state.neg().expm1_().neg_()
+        z, slope = _noise_and_slope(noise_argument, settings, with_slope=True)
         scale_coeff = (scale * coeff).to(x.dtype).view(1, channels, 1, 1)
         multiplier = torch.addcmul(x.new_tensor(1.0 - coeff), z, scale_coeff)
         grad = grad_output.contiguous(memory_format=torch.channels_last)
