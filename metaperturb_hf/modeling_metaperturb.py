@@ -142,6 +142,39 @@ def _expected_noise_and_slope(mu: torch.Tensor, num_nodes: int, with_slope: bool
     return z, slope
 
 
+def _pooled_responses(x: torch.Tensor, stat_kernels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """u = mean_HW ReLU(K ⋆ h) for each statistics filter, shape (B, C, num_stat_filters), in φ's precision."""
+    return torch.stack([_stencil(x, kernel).relu_().mean(dim=(2, 3), dtype=dtype) for kernel in stat_kernels], dim=-1)
+
+
+def _batch_statistics(pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance over the batch (a variance of 0 for a batch of one)."""
+    mean = pooled.mean(dim=0)
+    return mean, pooled.var(dim=0) if pooled.shape[0] > 1 else torch.zeros_like(mean)
+
+
+def _channel_scale(features: torch.Tensor, scale_weight: torch.Tensor) -> torch.Tensor:
+    """s = sigmoid(features · w); not a matmul, so that autocast leaves it in φ's precision."""
+    return torch.sigmoid((features * scale_weight).sum(dim=1))
+
+
+def _differentiable_output(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, features, noise, seed,
+                           settings: _Settings, clipped: bool) -> torch.Tensor:
+    """φ's output again as plain autograd operations (the same noise; running statistics left alone), for a backward
+    that is itself differentiated."""
+    x = h.contiguous(memory_format=torch.channels_last)
+    channels, num_filters = x.shape[1], stat_kernels.shape[0]
+    _, mu = _noise_generator(x, x.mean(dim=1, keepdim=True), identity_kernels, mean_kernels)
+    z, _ = _noise_and_slope(_noise_argument(mu, noise, seed, settings), settings, with_slope=False)
+    if settings.training:
+        statistics = torch.cat(_batch_statistics(_pooled_responses(x, stat_kernels, scale_weight.dtype)), dim=1)
+        features = torch.cat([statistics, features[:, 2 * num_filters:]], dim=1)
+    coeff = settings.noise_coeff
+    scale = _channel_scale(features, scale_weight).to(x.dtype).view(1, channels, 1, 1)
+    output = h * (z * scale * coeff + (1.0 - coeff))
+    return output.clamp(max=settings.clip_value) if clipped else output
+
+
 class _PerturbFunction(torch.autograd.Function):
     """g_φ with a hand-written backward.
 
@@ -169,19 +202,16 @@ class _PerturbFunction(torch.autograd.Function):
         noise_argument = _noise_argument(mu, noise, ctx.seed, settings)
         z, _ = _noise_and_slope(noise_argument, settings, with_slope=False)
 
-        pooled = torch.stack(
-            [_stencil(x, kernel).relu_().mean(dim=(2, 3), dtype=scale_weight.dtype) for kernel in stat_kernels], dim=-1
-        )  # (B, C, num_stat_filters), in φ's precision (also under mixed precision)
+        pooled = _pooled_responses(x, stat_kernels, scale_weight.dtype)  # φ's precision, also under mixed precision
         if settings.training:
-            mean = pooled.mean(dim=0)
-            var = pooled.var(dim=0) if batch > 1 else torch.zeros_like(mean)
+            mean, var = _batch_statistics(pooled)
             running_mean.lerp_(mean.to(running_mean.dtype), settings.stat_momentum)
             running_var.lerp_(var.to(running_var.dtype), settings.stat_momentum)
         else:
             mean, var = running_mean.to(pooled.dtype), running_var.to(pooled.dtype)
         descriptors = pooled.new_tensor(settings.descriptors).expand(channels, 2)
         features = torch.cat([mean, var, descriptors], dim=1)  # (C, 2·num_stat_filters + 2)
-        scale = torch.sigmoid((features * scale_weight).sum(dim=1))  # not a matmul: autocast leaves it in φ's precision
+        scale = _channel_scale(features, scale_weight)
 
         coeff = settings.noise_coeff
         multiplier = torch.addcmul(x.new_tensor(1.0 - coeff), z, (scale * coeff).to(x.dtype).view(1, channels, 1, 1))
@@ -195,16 +225,23 @@ class _PerturbFunction(torch.autograd.Function):
         noise_mean = z.mean() if settings.monitor else z.new_zeros(())
         ctx.mark_non_differentiable(scale, noise_mean)
         recompute = settings.recompute
-        ctx.save_for_backward(x, None if recompute else hidden > 0, None if recompute else noise_argument,
-                              noise if recompute else None, pooled, features, scale, identity_kernels, mean_kernels,
-                              stat_kernels, scale_weight)
+        # The input itself (not its channels-last copy), so that a differentiated backward stays connected to it.
+        ctx.save_for_backward(h, None if recompute else hidden > 0, None if recompute else noise_argument, noise,
+                              pooled, features, scale, identity_kernels, mean_kernels, stat_kernels, scale_weight)
         return output, scale, noise_mean
 
     @staticmethod
     def backward(ctx, grad_output, grad_scale_unused, grad_noise_mean_unused):
         settings = ctx.settings
-        (x, hidden_active, noise_argument, noise, pooled, features, scale, identity_kernels, mean_kernels, stat_kernels,
+        (h, hidden_active, noise_argument, noise, pooled, features, scale, identity_kernels, mean_kernels, stat_kernels,
          scale_weight) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: this backward is differentiated again (lookahead meta-training)
+            differentiable = [h, identity_kernels, mean_kernels, stat_kernels, scale_weight]
+            output = _differentiable_output(*differentiable, features, noise, ctx.seed, settings, ctx.clipped)
+            wanted = [tensor for tensor, needed in zip(differentiable, ctx.needs_input_grad) if needed]
+            grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
+            return (*(next(grads) if needed else None for needed in ctx.needs_input_grad[:5]), None, None, None, None)
+        x = h.contiguous(memory_format=torch.channels_last)
         batch, channels, height, width = x.shape
         needs_input, *needs_params = ctx.needs_input_grad[:5]
         train_phi = any(needs_params)
@@ -254,7 +291,8 @@ class _PerturbFunction(torch.autograd.Function):
                 # ... so it commutes with the per-map stencil: one multiply-add instead of a multiply and an add
                 grad_input.addcmul_(_stencil_transposed(active, kernel), grad_response_scale)
                 if train_phi:
-                    grad_stat_kernels[k] = _stencil_kernel_grad(active.mul_(grad_response_scale), x, kernel)
+                    # not in place: under create_graph (lookahead) the transposed stencil saved `active`
+                    grad_stat_kernels[k] = _stencil_kernel_grad(active * grad_response_scale, x, kernel)
 
         grad_identity = grad_mean = None
         if train_phi:

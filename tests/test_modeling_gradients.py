@@ -129,3 +129,30 @@ def test_checkpointing_redraws_the_same_noise_and_saves_only_the_input():
     # Without checkpointing φ keeps the input, the noise (a float each) and the hidden layer's mask (a byte each).
     assert stored - checkpointed_stored >= h.numel() * 5
     assert checkpointed_stored < h.numel() * 5  # the input, and per-channel statistics far smaller than a byte each
+
+
+@pytest.mark.parametrize(
+    "training, kappa, clip, expected_noise",
+    [(True, 1.0, None, False), (True, 0.6, 1.5, False), (False, 0.8, None, True)],
+)
+def test_a_differentiated_backward_matches_autograd(training, kappa, clip, expected_noise):
+    """Lookahead meta-training differentiates the θ-gradient again, in φ and in the input."""
+    torch.manual_seed(0)
+    phi = MetaPerturbModel(MetaPerturbConfig(initializer_range=0.5)).double().train(training)
+    h = torch.randn(3, 5, 6, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    eps, upstream, direction = torch.randn_like(h), torch.randn_like(h), torch.randn_like(h)
+    stats = torch.rand(5, 4, dtype=torch.float64), torch.rand(5, 4, dtype=torch.float64)
+
+    def second_order(function):
+        x = h.clone().requires_grad_()
+        (input_grad,) = torch.autograd.grad((function(x) * upstream).sum(), x, create_graph=True)
+        inputs = [x, *phi.parameters()]
+        grads = torch.autograd.grad((input_grad * direction).sum(), inputs, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
+
+    ours = second_order(lambda x: phi(x, *(s.clone() for s in stats), 16, 8, noise_coeff=kappa,
+                                      noise=None if expected_noise else eps, clip_value=clip,
+                                      expected_noise=expected_noise))
+    theirs = second_order(lambda x: plain_phi(phi, x, *stats, 16, 8, kappa, eps, clip, expected_noise))
+    for name, mine, reference in zip(["input"] + [n for n, _ in phi.named_parameters()], ours, theirs):
+        torch.testing.assert_close(mine, reference, msg=lambda m, name=name: f"second-order gradient of {name}: {m}")
