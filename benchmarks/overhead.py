@@ -239,7 +239,8 @@ def main():
     memory_format = getattr(torch, args.memory_format)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     common = {"torch": torch.__version__, "device": hardware, "batch": BATCH, "image_size": SIZE,
-              "repeats": args.repeats, "memory_format": args.memory_format, "date": time.strftime("%Y-%m-%d")}
+              "repeats": args.repeats, "memory_format": args.memory_format,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}  # one value per run: a results file can hold several
 
     def emit(record):
         target = TARGETS.get((record["arch"], record["measure"])) if device.type == "cpu" else None
