@@ -109,15 +109,18 @@ def shifted_stencil(padded: torch.Tensor, kernel: torch.Tensor, height: int, wid
     return sum(terms[1:], terms[0])
 
 
+def _pad_one(features: torch.Tensor) -> torch.Tensor:
+    return F.pad(features, (1, 1, 1, 1))
+
+
 def phi_as_shifts(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, descriptors):
     """φ's frozen training-mode forward (κ = 1, no clamp), written for torch.compile."""
     _, channels, height, width = h.shape
-    pad = lambda t: F.pad(t, (1, 1, 1, 1))  # noqa: E731
-    padded = pad(h)
+    padded = _pad_one(h)
     hidden = torch.relu(shifted_stencil(padded, identity_kernels[0, 0], height, width)
-                        + shifted_stencil(pad(h.mean(1, keepdim=True)), mean_kernels[0, 0], height, width))
-    mu = (shifted_stencil(pad(hidden), identity_kernels[1, 0], height, width)
-          + shifted_stencil(pad(hidden.mean(1, keepdim=True)), mean_kernels[1, 0], height, width))
+                        + shifted_stencil(_pad_one(h.mean(1, keepdim=True)), mean_kernels[0, 0], height, width))
+    mu = (shifted_stencil(_pad_one(hidden), identity_kernels[1, 0], height, width)
+          + shifted_stencil(_pad_one(hidden.mean(1, keepdim=True)), mean_kernels[1, 0], height, width))
     z = F.softplus(mu + torch.randn_like(mu))
     pooled = torch.stack([torch.relu(shifted_stencil(padded, kernel[0], height, width)).mean((2, 3))
                           for kernel in stat_kernels], -1)
