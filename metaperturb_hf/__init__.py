@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_metaperturb import MetaPerturbConfig
-from .convert import convert_official_checkpoint
+from .convert import convert_official_checkpoint, convert_official_classifier
 from .injection import PerturbedModel, Site, add_perturbation, find_sites
 from .modeling_metaperturb import MetaPerturbModel
 
@@ -22,5 +22,6 @@ __all__ = [
     "Site",
     "add_perturbation",
     "convert_official_checkpoint",
+    "convert_official_classifier",
     "find_sites",
 ]
