@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpointing import load_perturbation
-from .classifier_io import logits_of, repeat_chunks
+from .classifier_io import eval_mode, logits_of, repeat_chunks
 from .modeling_metaperturb import MetaPerturbModel
 
 # Modules treated as activations. transformers wraps its own (GELUActivation, ...) in `transformers.activations`.
@@ -77,7 +77,8 @@ class _Call:
 
 
 def _trace_calls(model: nn.Module, example_inputs, module_names: set[str]) -> list[_Call]:
-    """Run one forward pass and record, in order, every call of the named modules."""
+    """Run one forward pass in eval mode and record, in order, every call of the named modules; afterwards every
+    submodule has its own train/eval flag back (`classifier_io.eval_mode`)."""
     modules = dict(model.named_modules())
     calls: list[_Call] = []
     counts: dict[str, int] = {}
@@ -91,13 +92,10 @@ def _trace_calls(model: nn.Module, example_inputs, module_names: set[str]) -> li
         return hook
 
     handles = [modules[name].register_forward_hook(recorder(name)) for name in module_names]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             _call_model(model, example_inputs)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return calls
