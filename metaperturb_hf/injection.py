@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -440,13 +441,14 @@ def _unique_keys(names: list[str]) -> list[str]:
 
 
 def default_example_inputs(model: nn.Module, input_size: Sequence[int] | None = None) -> torch.Tensor:
-    """A batch of two random images for the probe pass; channels from a transformers config when there is one."""
+    """A batch of two random images for the probe pass, in the dtype and on the device of the model's weights (a
+    float64 or bfloat16 network refuses float32 inputs); channels from a transformers config when there is one."""
     if input_size is None:
         channels = getattr(getattr(model, "config", None), "num_channels", 3)
         input_size = (channels, 32, 32)
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else "cpu"
-    return torch.randn(2, *input_size, device=device)
+    weights = (tensor for tensor in chain(model.parameters(), model.buffers()) if tensor.is_floating_point())
+    reference = next(weights, torch.empty(0))
+    return torch.randn(2, *input_size, dtype=reference.dtype, device=reference.device)
 
 
 def resolve_sites(

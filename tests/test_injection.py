@@ -340,3 +340,11 @@ def test_finding_sites_gives_every_module_its_own_train_eval_flag_back(perturbat
     add_perturbation(evaluated, perturbation)
     assert [m for m in evaluated.modules() if m.training] == [evaluated.features[1][1]]
 
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_probe_pass_runs_in_the_dtype_of_the_network(perturbation, dtype):
+    model = create_model("resnet20", num_classes=10).to(dtype)
+    perturbed = add_perturbation(model, perturbation).to(dtype)  # no example_inputs: the default probe batch
+    assert len(perturbed.sites) == 9
+    output = perturbed.train()(torch.randn(4, 3, 32, 32, dtype=dtype))
+    assert output.dtype == dtype and torch.isfinite(output).all()
