@@ -32,7 +32,8 @@ __all__ = [
 
 def __getattr__(name: str):
     """A submodule on first use (`metaperturb_hf.architectures.create_model(...)`), as transformers does: `import
-    metaperturb_hf` stays as fast as it is and does not load what only some users need (`datasets`, the meta-trainer)."""
+    metaperturb_hf` stays as fast as it is and does not load what only some users need (`datasets`, the
+    meta-trainer)."""
     if name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

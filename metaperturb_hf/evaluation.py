@@ -1,4 +1,4 @@
-"""Accuracy, calibration and adversarial robustness of (perturbed) image classifiers (DESIGN §5).
+"""Accuracy, calibration and adversarial robustness of (perturbed) image classifiers (docs/protocols.md).
 
 A `PerturbedModel` is stochastic: in "sample" noise mode every forward pass draws fresh noise, so its predictive
 distribution is the softmax averaged over K draws (the authors keep the noise on at test time, K = 100 for the
@@ -244,7 +244,7 @@ def pgd_attack(
     usual budget); they are divided by `std` (per channel when `std` is) to act on the normalised inputs, and
     every iterate stays in the valid normalised range [(0 − mean)/std, (1 − mean)/std]. `step_size` defaults to
     2.5·ε/steps. For a stochastic model every step follows the cross-entropy gradient averaged over
-    `eot_samples` noise draws (Expectation over Transformation, DESIGN §5); a deterministic model takes one.
+    `eot_samples` noise draws (Expectation over Transformation, docs/protocols.md); a deterministic model takes one.
     The model runs in eval mode and its flags are restored; returns the adversarial images, detached, on the
     device of `images_float`. `generator` (on the model's device) seeds the random start.
     """

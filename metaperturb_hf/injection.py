@@ -1,6 +1,6 @@
 """Finding the sites of a classifier and plugging one shared perturbation function into them.
 
-A *site* is a tensor in the forward pass that the perturbation multiplies (DESIGN §3):
+A *site* is a tensor in the forward pass that the perturbation multiplies (docs/sites.md):
 
 - plain networks (conv → norm → activation, MLPs): the input of every activation;
 - residual networks: the tensor right after each block's residual addition (the input of the block's final
@@ -115,7 +115,7 @@ def _site_from_call(name: str, call: _Call, position: str) -> Site | None:
 
 
 def find_sites(model: nn.Module, example_inputs) -> list[Site]:
-    """All sites of `model` by the rules of DESIGN §3, in forward order."""
+    """All sites of `model` by the rules of docs/sites.md, in forward order."""
     modules = dict(model.named_modules())
     blocks = _residual_blocks(model)
     activations = {
@@ -499,8 +499,9 @@ def add_perturbation(
     Args:
         model: any classifier (reference network, `transformers` CNN, torchvision/timm ResNet, MLP).
         perturbation: the shared φ. It is frozen unless `trainable=True` (meta-training).
-        sites: `"auto"` (DESIGN §3 rules), a regex matched in full against site names (or, if none matches, module
-            names, whose outputs are then perturbed), a list of site or module names, or a list of `Site`s.
+        sites: `"auto"` (the rules of docs/sites.md), a regex matched in full against site names (or, if none
+            matches, module names, whose outputs are then perturbed), a list of site or module names, or a list of
+            `Site`s.
         select: among the chosen sites keep `"all"`, the `"bottom"`/`"top"` `num_sites`, or `"top_bottom"`.
         example_inputs: what to call the model with for the probe pass (a tensor, or a dict of keyword inputs);
             defaults to a random batch of `input_size` (C, H, W), 3×32×32 unless the model's config says otherwise.
