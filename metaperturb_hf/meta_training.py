@@ -1,4 +1,4 @@
-"""Meta-training φ over class-disjoint tasks with accelerate (DESIGN §4).
+"""Meta-training φ over class-disjoint tasks with accelerate (docs/protocols.md).
 
 Every task trains its own classifier (private to the process that holds it, never synchronised); φ is shared. One
 step: for each task, a θ step on a batch of its training half with the perturbation active, then the gradient of
@@ -41,7 +41,7 @@ META_TRAINING_FILE = "meta_training.json"
 
 @dataclass
 class MetaTrainingConfig:
-    """Hyper-parameters of meta-training; the defaults are the authors' (DESIGN §4)."""
+    """Hyper-parameters of meta-training; the defaults are the authors' (docs/protocols.md)."""
 
     architectures: list[str] = field(default_factory=lambda: ["resnet20"])
     steps: int = 750
