@@ -16,7 +16,6 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .architectures import create_model
 from .checkpointing import load_error_reason
 from .configuration_metaperturb import MetaPerturbConfig
 from .modeling_metaperturb import MetaPerturbModel
@@ -115,6 +114,8 @@ def convert_official_classifier(state_dict: Mapping[str, torch.Tensor], arch: st
     the image size are read off the weights. Their perturbation's entries (`perturb.*`) are left out: convert φ
     with `convert_official_checkpoint`. Loading is strict, so a key or shape that does not fit raises.
     """
+    from .architectures import create_model  # not at import: `import metaperturb_hf` stays light
+
     name = re.sub(r"_\d+$", "", arch)
     if name not in _OFFICIAL_CLASSIFIERS:
         raise ValueError(f"No converter for the authors' {arch!r}; convertible: {', '.join(_OFFICIAL_CLASSIFIERS)}.")
