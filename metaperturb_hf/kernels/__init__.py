@@ -56,8 +56,15 @@ def _extension():
             _state["extension"] = load(name=name, sources=[str(_SOURCE)], extra_cflags=_FLAGS,
                                        extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
         except Exception as error:  # no compiler, no ninja, a failed build: all mean "use eager"
-            _state["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+            _state["error"] = _summary(error)
         return _state.get("extension")
+
+
+def _summary(error: Exception) -> str:
+    """The line of a build failure that says what failed (the compiler's first error, else the last line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
+    return f"{type(error).__name__}: {reason}"
 
 
 def _cpu_model() -> str:
@@ -74,39 +81,36 @@ def _cpu_model() -> str:
 def phi_forward(h: Tensor, identity_kernels: Tensor, mean_kernels: Tensor, stat_kernels: Tensor, scale_weight: Tensor,
                 running_mean: Tensor, running_var: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
                 noise_coeff: float, clip_value: Optional[float], channel_descriptor: float, spatial_descriptor: float,
-                training: bool, save_argument: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """φ's fused forward: (output, s, mean z, pooled responses, features, μ + ε or empty when recomputed)."""
+                training: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """φ's fused forward: (output, s, mean z, pooled responses, features)."""
     return tuple(_extension().forward(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean,
                                       running_var, noise, seed, noise_coeff, clip_value, channel_descriptor,
-                                      spatial_descriptor, training, save_argument))
+                                      spatial_descriptor, training))
 
 
 @phi_forward.register_fake
 def _(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean, running_var, noise, seed,
-      noise_coeff, clip_value, channel_descriptor, spatial_descriptor, training, save_argument):
+      noise_coeff, clip_value, channel_descriptor, spatial_descriptor, training):
     batch, channels = h.shape[:2]
     filters = stat_kernels.shape[0]
     return (torch.empty_like(h), h.new_empty(channels), h.new_empty(()),
             h.new_empty(batch, channels, filters) if training else h.new_empty(0),
-            h.new_empty(channels, 2 * filters + 2),
-            torch.empty_like(h, memory_format=torch.channels_last) if save_argument else h.new_empty(0))
+            h.new_empty(channels, 2 * filters + 2))
 
 
 @torch.library.custom_op("metaperturb::phi_backward", mutates_args=())
 def phi_backward(grad_output: Tensor, h: Tensor, identity_kernels: Tensor, mean_kernels: Tensor, stat_kernels: Tensor,
-                 scale_weight: Tensor, pooled: Tensor, features: Tensor, scale: Tensor, argument: Tensor,
-                 noise: Optional[Tensor], seed: Optional[Tensor], noise_coeff: float, clip_value: Optional[float],
+                 scale_weight: Tensor, pooled: Tensor, features: Tensor, scale: Tensor, noise: Optional[Tensor], seed: Optional[Tensor], noise_coeff: float, clip_value: Optional[float],
                  training: bool, needs_input: bool, needs_params: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """φ's fused backward: gradients of (h, λ, γ, K, w); empty tensors for those not asked for."""
     grads = _extension().backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled,
-                                  features, scale, argument, noise, seed, noise_coeff, clip_value, training,
+                                  features, scale, noise, seed, noise_coeff, clip_value, training,
                                   needs_input, needs_params)
     return tuple(h.new_empty(0) if grad is None else grad for grad in grads)
 
 
 @phi_backward.register_fake
-def _(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features, scale, argument,
-      noise, seed, noise_coeff, clip_value, training, needs_input, needs_params):
+def _(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features, scale, noise, seed, noise_coeff, clip_value, training, needs_input, needs_params):
     params = (identity_kernels, mean_kernels, stat_kernels, scale_weight)
     return (torch.empty_like(h) if needs_input else h.new_empty(0),
             *(torch.empty_like(p) if needs_params else h.new_empty(0) for p in params))
@@ -114,16 +118,16 @@ def _(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight
 
 def _setup_context(ctx, inputs, output):
     (h, identity_kernels, mean_kernels, stat_kernels, scale_weight, _, _, noise, seed, noise_coeff, clip_value,
-     channel_descriptor, spatial_descriptor, training, _) = inputs
-    _, scale, noise_mean, pooled, features, argument = output
-    ctx.mark_non_differentiable(scale, noise_mean, pooled, features, argument)
+     channel_descriptor, spatial_descriptor, training) = inputs
+    _, scale, noise_mean, pooled, features = output
+    ctx.mark_non_differentiable(scale, noise_mean, pooled, features)
     ctx.save_for_backward(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features, scale,
-                          argument, noise, seed)
+                          noise, seed)
     ctx.options = (noise_coeff, clip_value, (channel_descriptor, spatial_descriptor), training)
 
 
 def _backward(ctx, grad_output, *unused_grads):
-    h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features, scale, argument, noise, seed = (
+    h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features, scale, noise, seed = (
         ctx.saved_tensors)
     noise_coeff, clip_value, descriptors, training = ctx.options
     needs_input, needs_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:5])
@@ -133,7 +137,7 @@ def _backward(ctx, grad_output, *unused_grads):
     if torch.is_grad_enabled():  # create_graph: differentiate φ's eager math on the same noise instead
         return (*_differentiable_backward(ctx, grad_output), *nones)
     grads = phi_backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features,
-                         scale, argument, noise, seed, noise_coeff, clip_value, training, needs_input, needs_params)
+                         scale, noise, seed, noise_coeff, clip_value, training, needs_input, needs_params)
     grad_input, grad_identity, grad_mean, grad_stat, grad_weight = (
         grad if needed else None for grad, needed in zip(grads, (needs_input, *(needs_params,) * 4)))
     # as eager: in evaluation the statistics filters are not used, so they get no gradient (not a zero one)
@@ -143,7 +147,7 @@ def _backward(ctx, grad_output, *unused_grads):
 def _differentiable_backward(ctx, grad_output):
     from ..modeling_metaperturb import _differentiable_output, _Settings
 
-    h, identity_kernels, mean_kernels, stat_kernels, scale_weight, _, features, _, _, noise, seed = ctx.saved_tensors
+    h, identity_kernels, mean_kernels, stat_kernels, scale_weight, _, features, _, noise, seed = ctx.saved_tensors
     noise_coeff, clip_value, descriptors, training = ctx.options
     if noise is None:
         noise = _extension().normals(h, seed)
@@ -159,11 +163,15 @@ phi_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def perturb(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean, running_var, noise, settings):
-    """φ through the fused op, with the running-statistics update (outside the op, which stays functional)."""
+    """φ through the fused op, with the running-statistics update (outside the op, which stays functional).
+
+    The op saves only the input (and the noise's seed, or the explicit noise) and its backward recomputes the rest,
+    so activation checkpointing changes nothing here: it is what the fused path always does.
+    """
     seed = None if noise is not None else torch.randint(2**62, (), dtype=torch.int64)
-    output, scale, noise_mean, _, features, _ = phi_forward(
+    output, scale, noise_mean, _, features = phi_forward(
         h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean, running_var, noise, seed,
-        settings.noise_coeff, settings.clip_value, *settings.descriptors, settings.training, not settings.recompute)
+        settings.noise_coeff, settings.clip_value, *settings.descriptors, settings.training)
     if settings.training:
         filters = stat_kernels.shape[0]
         with torch.no_grad():
@@ -206,6 +214,8 @@ def select(choice: str, h, parameters, running_mean, running_var, noise, setting
 
 def availability() -> Optional[str]:
     """None when the kernel built and passed its self-check; otherwise what went wrong."""
+    if _state.get("checked") is True:  # the settled answer without the build lock, which torch.compile cannot trace
+        return None
     if _extension() is None:
         return f"could not be built ({_state['error']})"
     if "checked" not in _state:
