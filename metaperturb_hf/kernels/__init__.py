@@ -1,8 +1,8 @@
 """Optional fused kernels for φ, reached lazily by the modeling code, which falls back to eager without them.
 
 The CPU kernel (`phi_cpu.cpp`) computes one site's forward and backward in one pass per direction over the feature
-map (plus a reduction pass for the batch statistics), image by image in cache, instead of the ~57 full-size kernel
-launches of the eager path. It is a C++ extension built on first use with `torch.utils.cpp_extension.load` (cached
+map (plus a pass for the batch statistics in each), image by image in cache, instead of the ~57 full-size kernel
+launches of the eager path; it saves only the input and recomputes the rest in the backward. It is a C++ extension built on first use with `torch.utils.cpp_extension.load` (cached
 under `$TORCH_EXTENSIONS_DIR` or `~/.cache/metaperturb_hf`), and registered as the custom ops
 `metaperturb::phi_forward` / `metaperturb::phi_backward`, so `torch.compile` traces through φ.
 
@@ -27,7 +27,6 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-CHOICES = ("auto", "eager", "cpu")
 _SOURCE = Path(__file__).with_name("phi_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _lock = threading.Lock()
@@ -261,4 +260,4 @@ def _compare_with_eager():
     return True
 
 
-__all__ = ["CHOICES", "availability", "perturb", "phi_backward", "phi_forward", "select", "unsupported"]
+__all__ = ["availability", "perturb", "phi_backward", "phi_forward", "select", "unsupported"]
