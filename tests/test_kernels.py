@@ -202,10 +202,32 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_log_line(fused_kernel
         phi(h, *stats, 8, 8, kernel="cpu")
 
 
-def test_a_kernel_that_fails_its_self_check_is_not_used(fused_kernel, monkeypatch):
+@pytest.mark.parametrize("outcome, reason", [("differs", "output differs by 1"), ("raises", "RuntimeError: boom")])
+def test_a_kernel_that_fails_its_self_check_is_not_used(fused_kernel, monkeypatch, outcome, reason):
+    def check():
+        if outcome == "raises":
+            raise RuntimeError("boom")
+        return reason
+
     monkeypatch.setattr(fused_kernel, "_state", {"extension": fused_kernel._extension()})
-    monkeypatch.setattr(fused_kernel, "_compare_with_eager", lambda: "output differs by 1")
-    assert fused_kernel.availability() == "failed its self-check against eager (output differs by 1)"
+    monkeypatch.setattr(fused_kernel, "_compare_with_eager", check)
+    assert fused_kernel.availability() == f"failed its self-check against eager ({reason})"
+    assert fused_kernel.availability() == f"failed its self-check against eager ({reason})"  # settled, not retried
+
+
+def test_the_self_check_waits_for_a_call_outside_torch_func(fused_kernel, monkeypatch):
+    monkeypatch.setattr(fused_kernel, "_state", {"extension": fused_kernel._extension()})
+    phi = make_phi()
+    h = torch.randn(2, 3, 4, 4)
+    parameters = tuple(phi.parameters())
+    from metaperturb_hf.modeling_metaperturb import _Settings
+
+    settings = _Settings(1.0, None, (0.5, 0.5), False, 8, True, 0.1, False, False)
+    chosen = torch.func.grad(lambda x: (fused_kernel.select("auto", x, parameters, torch.zeros(3, 4), torch.ones(3, 4),
+                                                            None, settings) is None) * x.sum())(h)
+    assert torch.equal(chosen, torch.ones_like(h)) and "checked" not in fused_kernel._state
+    assert fused_kernel.select("auto", h, parameters, torch.zeros(3, 4), torch.ones(3, 4), None, settings) is not None
+    assert fused_kernel._state["checked"] is True
 
 
 class NoisySite(nn.Module):
