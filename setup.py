@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["metaperturb_hf", "metaperturb_hf.*"]),
+    package_data={"metaperturb_hf.kernels": ["*.cpp"]},  # the fused CPU kernel's source, compiled on first use
     python_requires=">=3.10",
     install_requires=[
         # 2.13 is the CPU build the project is developed on; a looser pin pulls a multi-GB CUDA build by default.
@@ -24,6 +25,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7"],
+        "kernels": ["ninja"],  # torch.utils.cpp_extension builds the fused CPU kernel with it (and a C++ compiler)
         "examples": ["scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard"],
     },
     entry_points={"console_scripts": ["metaperturb-convert=metaperturb_hf.convert:main"]},

@@ -9,11 +9,15 @@ Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per me
   (a', d') (a) and (d) with φ's activation checkpointing on (it saves only its input and recomputes the rest);
   (e) the eager floor of (a): a plain step plus only the kernels that any eager implementation of φ's exact math
       must launch (one noise draw and twelve depthwise 3×3 stencils per site), to tell a slow implementation from an
-      unreachable target.
-The variants of one measurement are timed in turn, round after round, `--repeats` rounds after warm-up; ratios are of
-medians from the same rounds.
+      unreachable target;
+  (f) φ's achieved arithmetic rate on the fused CPU kernel (its floating-point operations in a frozen training step,
+      counted from the kernel's loops, over its time at every site's shape) next to the rate of a plain 3×3
+      convolution's training step on this machine, so that the distance to the machine's limit is a number.
+On the CPU (a)–(d) time φ's eager path and its fused kernel (`metaperturb_hf.kernels`, records named `*_fused`, with
+`fused_vs_eager`) in the same rounds; the targets belong to the fused path. The variants of one measurement are timed
+in turn, round after round, `--repeats` rounds after warm-up; ratios are of medians from the same rounds.
 
-    python benchmarks/overhead.py [--device cuda] [--output benchmarks/results/overhead.jsonl]
+    python benchmarks/overhead.py [--device cuda] [--output benchmarks/results/overhead.jsonl] [--mc 1,5,100]
 """
 
 import argparse
@@ -29,18 +33,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.evaluation import predict_proba
+from metaperturb_hf.kernels import availability
 from metaperturb_hf.modeling_metaperturb import _noise_seed, _sample_noise, _stencil
 
 BATCH, SIZE, CLASSES = 128, 32, 40
-# Issue 6's targets on a 2-core CPU, as (arch, measure) -> largest acceptable ratio.
+# Issue 14's targets for the fused path on a 2-core CPU, as (arch, measure) -> largest acceptable ratio.
 TARGETS = {
-    ("resnet20", "frozen_train_step"): 1.30, ("resnet20", "meta_train_step_vs_two_plain"): 1.40,
-    ("conv4", "frozen_train_step"): 1.50, ("conv4", "meta_train_step_vs_two_plain"): 1.70,
-    ("resnet20", "saved_activations_train_step"): 1.5, ("conv4", "saved_activations_train_step"): 1.5,
-    ("resnet20", "frozen_train_step_checkpointed"): 1.30, ("conv4", "frozen_train_step_checkpointed"): 1.50,
-    ("resnet20", "saved_activations_train_step_checkpointed"): 1.5,
-    ("conv4", "saved_activations_train_step_checkpointed"): 1.5,
+    ("resnet20", "frozen_train_step_fused"): 1.35, ("conv4", "frozen_train_step_fused"): 1.8,
+    ("resnet20", "meta_train_step_vs_two_plain_fused"): 1.5, ("conv4", "meta_train_step_vs_two_plain_fused"): 2.2,
+    ("resnet20", "saved_activations_train_step_fused"): 1.3, ("conv4", "saved_activations_train_step_fused"): 1.5,
+    ("resnet20", "eval_mc1_fused"): 1.5, ("conv4", "eval_mc1_fused"): 2.0,  # a single noisy pass
 }
+# Floating-point operations per feature element of the fused kernel's frozen training step, read off its loops
+# (a 3×3 stencil: 9 multiplies + 8 adds = 17; exp, log1p and a comparison count 1 each; the noise's integer
+# arithmetic counts 0). Forward: four statistics stencils with ReLU and sum 4 × 19, the hidden layer 19 + its channel
+# mean 1, μ 19 + its channel mean 1, softplus and the output 7. Backward: the hidden layer and μ again 20 + 20, the
+# elementwise gradients 18, the hidden layer's gradient 20, the input's 19, the statistics path (the four stencils
+# again, their masks and transposes) 4 × 18 + 4 × 17 + 4.
+PHI_FLOPS_PER_ELEMENT = (4 * 19 + 20 + 20 + 7) + (20 + 20 + 18 + 20 + 19 + 4 * 18 + 4 * 17 + 4)
 # Stencils per site in a frozen training step that no exact eager implementation avoids: forward λ₁ (hidden), λ₂ (μ)
 # and the four statistics filters; backward the transposed stencil of each of these six.
 FLOOR_STENCILS_PER_SITE = 12
@@ -75,7 +85,7 @@ class Setup:
     """A plain network and a perturbed copy of it (same weights), with their optimizers and data."""
 
     def __init__(self, arch: str, device, trainable: bool, memory_format=torch.channels_last,
-                 checkpointing: bool = False):
+                 checkpointing: bool = False, kernel: str = "eager"):
         torch.manual_seed(0)
         self.device = device
         self.plain = create_model(arch, CLASSES).to(device, memory_format=memory_format)
@@ -83,6 +93,7 @@ class Setup:
         self.twin.load_state_dict(self.plain.state_dict())
         self.phi = MetaPerturbModel(MetaPerturbConfig()).to(device)
         self.phi.gradient_checkpointing = checkpointing  # what activation_checkpointing_enable() sets
+        self.phi.kernel = kernel
         self.perturbed = add_perturbation(self.twin, self.phi, trainable=trainable).to(device)
         self.plain_opt = torch.optim.Adam(self.plain.parameters(), lr=1e-3)
         self.twin_opt = torch.optim.Adam(self.twin.parameters(), lr=1e-3)
@@ -161,6 +172,22 @@ class Setup:
             torch.autograd.grad(self.phi(features, statistics_, statistics_.clone(), 64, 32), features, upstream)
         return counter.count
 
+    def fused_phi_sites(self):
+        """φ's frozen forward and backward on the fused kernel at every site's shape (nothing else)."""
+        maps, upstream = self.site_maps(), None
+        channels = {features.shape[1] for features in maps}
+        stats = {c: (torch.zeros(c, 4), torch.ones(c, 4)) for c in channels}
+        phi = MetaPerturbModel(MetaPerturbConfig()).requires_grad_(False).train()
+        phi.kernel = "cpu"
+        upstreams = [torch.randn_like(features) for features in maps]
+
+        def run():
+            for features, upstream in zip(maps, upstreams):
+                x = features.detach().requires_grad_()
+                torch.autograd.grad(phi(x, *stats[features.shape[1]], 64, 32), x, upstream)
+
+        return run, sum(features.numel() for features in maps)
+
     def elementwise_pass_ops(self):
         """One elementwise pass (a negation into a new tensor) over every site's features."""
         maps = self.site_maps()
@@ -214,9 +241,25 @@ def saved_for_backward_mib(step) -> float:
     return sum(storages.values()) / 2**20
 
 
-def peak_memory_mib(arch: str, variant: str, device, memory_format) -> float:
+def convolution_rate(device, repeats: int) -> float:
+    """FLOP/s of a plain 3×3 convolution's training step (forward, input and weight gradients) at ResNet-20's first
+    stage (128 × 16 × 32 × 32, channels-last): what this machine reaches on dense arithmetic."""
+    x = torch.randn(BATCH, 16, SIZE, SIZE, device=device).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False).to(device, memory_format=torch.channels_last)
+    x.requires_grad_()
+    upstream = torch.randn_like(x)
+
+    def step():
+        torch.autograd.grad(conv(x), [x, conv.weight], upstream)
+
+    (seconds,) = interleaved([step], device, repeats)
+    return 3 * 2 * x.numel() * 16 * 9 / seconds  # forward + two backward convolutions, 2 FLOPs per multiply-add
+
+
+def peak_memory_mib(arch: str, variant: str, device, memory_format, kernel: str = "eager") -> float:
     """CUDA: the allocator's peak during a training step; CPU: the activations saved for backward."""
-    setup = Setup(arch, device, trainable=False, memory_format=memory_format, checkpointing=variant == "checkpointed")
+    setup = Setup(arch, device, trainable=False, memory_format=memory_format, checkpointing=variant == "checkpointed",
+                  kernel=kernel)
     step = setup.plain_step if variant == "plain" else setup.frozen_step
     if device.type != "cuda":
         return saved_for_backward_mib(step)
@@ -236,6 +279,7 @@ def main():
     parser.add_argument("--output", help="append the JSON lines to this file too")
     parser.add_argument("--memory-format", choices=["channels_last", "contiguous_format"], default="channels_last",
                         help="layout of both networks (the reference networks train in channels-last)")
+    parser.add_argument("--mc", default="1,5,100", help="the MC sample counts of the evaluation measures")
     args = parser.parse_args()
     device = torch.device(args.device)
     memory_format = getattr(torch, args.memory_format)
@@ -254,34 +298,68 @@ def main():
             with open(args.output, "a") as f:
                 f.write(line + "\n")
 
+    # The fused kernel where it runs (CPU, built, self-checked); elsewhere only the eager path is timed.
+    fused = device.type == "cpu" and availability() is None
+    kernels = ["eager", "cpu"] if fused else ["eager"]
+    suffix = {"eager": "", "cpu": "_fused"}
+
+    def emit_pair(arch, measure, base, seconds, base_key="plain_s"):
+        """One record per path of a measure, the fused one with its speed-up over eager."""
+        for kernel, value in zip(kernels, seconds):
+            record = {"arch": arch, "measure": measure + suffix[kernel], base_key: base, "perturbed_s": value,
+                      "ratio": value / base}
+            if kernel == "cpu":
+                record["fused_vs_eager"] = value / seconds[0]
+            emit(record)
+
     for arch in args.archs.split(","):
-        frozen = Setup(arch, device, trainable=False, memory_format=memory_format)
+        frozen = {kernel: Setup(arch, device, trainable=False, memory_format=memory_format, kernel=kernel)
+                  for kernel in kernels}
         checkpointed = Setup(arch, device, trainable=False, memory_format=memory_format, checkpointing=True)
-        plain, with_phi, with_checkpointed_phi, floor_ops, one_pass = interleaved(
-            [frozen.plain_step, frozen.frozen_step, checkpointed.frozen_step, frozen.eager_floor_ops(),
-             frozen.elementwise_pass_ops()], device, args.repeats)
-        emit({"arch": arch, "measure": "frozen_train_step", "plain_s": plain, "perturbed_s": with_phi,
-              "ratio": with_phi / plain})
+        eager = frozen["eager"]
+        plain, *with_phi, with_checkpointed_phi, floor_ops, one_pass = interleaved(
+            [eager.plain_step, *(setup.frozen_step for setup in frozen.values()), checkpointed.frozen_step,
+             eager.eager_floor_ops(), eager.elementwise_pass_ops()], device, args.repeats)
+        emit_pair(arch, "frozen_train_step", plain, with_phi)
         emit({"arch": arch, "measure": "frozen_train_step_checkpointed", "plain_s": plain,
               "perturbed_s": with_checkpointed_phi, "ratio": with_checkpointed_phi / plain})
         emit({"arch": arch, "measure": "frozen_train_step_eager_floor", "plain_s": plain, "floor_ops_s": floor_ops,
               "ratio": (plain + floor_ops) / plain, "stencils_per_site": FLOOR_STENCILS_PER_SITE})
         emit({"arch": arch, "measure": "elementwise_pass_over_all_sites", "plain_s": plain, "pass_s": one_pass,
-              "ratio": one_pass / plain, "full_size_kernels_per_site": frozen.full_size_kernels_per_site()})
-        meta = Setup(arch, device, trainable=True, memory_format=memory_format)
-        two_plain, meta_s = interleaved([meta.two_plain_steps, meta.meta_step], device, args.repeats)
-        emit({"arch": arch, "measure": "meta_train_step_vs_two_plain", "plain_s": two_plain, "perturbed_s": meta_s,
-              "ratio": meta_s / two_plain})
-        for mode, samples in (("mean", 1), ("sample", 1), ("sample", 5), ("sample", 100)):
-            repeats = max(3, args.repeats // 3) if samples == 100 else args.repeats
-            plain, perturbed = interleaved([frozen.plain_eval, frozen.perturbed_eval(mode, samples)], device, repeats)
-            emit({"arch": arch, "measure": f"eval_{'single_pass' if mode == 'mean' else f'mc{samples}'}",
-                  "plain_s": plain, "perturbed_s": perturbed, "ratio": perturbed / plain})
+              "ratio": one_pass / plain, "full_size_kernels_per_site": eager.full_size_kernels_per_site()})
+        if fused:
+            phi_sites, elements = eager.fused_phi_sites()
+            phi_s, plain_again = interleaved([phi_sites, eager.plain_step], device, args.repeats)
+            phi_rate, conv_rate = PHI_FLOPS_PER_ELEMENT * elements / phi_s, convolution_rate(device, args.repeats)
+            emit({"arch": arch, "measure": "phi_arithmetic_rate_fused", "phi_s": phi_s, "plain_s": plain_again,
+                  "phi_share_of_plain_step": phi_s / plain_again, "phi_flops_per_element": PHI_FLOPS_PER_ELEMENT,
+                  "phi_gflops_per_s": phi_rate / 1e9, "conv_gflops_per_s": conv_rate / 1e9,
+                  "ratio": phi_rate / conv_rate})
+        meta = {kernel: Setup(arch, device, trainable=True, memory_format=memory_format, kernel=kernel)
+                for kernel in kernels}
+        two_plain, *meta_s = interleaved([meta["eager"].two_plain_steps, *(m.meta_step for m in meta.values())],
+                                         device, args.repeats)
+        emit_pair(arch, "meta_train_step_vs_two_plain", two_plain, meta_s)
+        for mode, samples in [("mean", 1)] + [("sample", int(k)) for k in args.mc.split(",")]:
+            repeats = max(3, args.repeats // 3) if samples >= 100 else args.repeats
+            # the single pass ("mean", the expected noise) always runs eager: the kernel does not implement it
+            paths = ["eager"] if mode == "mean" else kernels
+            plain, *perturbed = interleaved([eager.plain_eval, *(frozen[k].perturbed_eval(mode, samples)
+                                                                  for k in paths)], device, repeats)
+            name = f"eval_{'single_pass' if mode == 'mean' else f'mc{samples}'}"
+            for kernel, seconds in zip(paths, perturbed):
+                record = {"arch": arch, "measure": name + suffix[kernel], "plain_s": plain, "perturbed_s": seconds,
+                          "ratio": seconds / plain}
+                if kernel == "cpu":
+                    record["fused_vs_eager"] = seconds / perturbed[0]
+                emit(record)
         memory = "peak_memory_train_step" if device.type == "cuda" else "saved_activations_train_step"
         plain_mib = peak_memory_mib(arch, "plain", device, memory_format)
-        for variant, suffix in (("perturbed", ""), ("checkpointed", "_checkpointed")):
-            perturbed_mib = peak_memory_mib(arch, variant, device, memory_format)
-            emit({"arch": arch, "measure": memory + suffix, "plain_mib": plain_mib, "perturbed_mib": perturbed_mib,
+        variants = [("perturbed", "", "eager"), ("checkpointed", "_checkpointed", "eager")]
+        variants += [("perturbed", "_fused", "cpu")] if fused else []
+        for variant, name_suffix, kernel in variants:
+            perturbed_mib = peak_memory_mib(arch, variant, device, memory_format, kernel)
+            emit({"arch": arch, "measure": memory + name_suffix, "plain_mib": plain_mib, "perturbed_mib": perturbed_mib,
                   "ratio": perturbed_mib / plain_mib if plain_mib else None})
 
 

@@ -278,6 +278,7 @@ class SiteWrapper(nn.Module):
         self.site_keys = _unique_keys([site.name for site in self.sites])
         self._call_counts: dict = {}
         self._handles = [model.register_forward_pre_hook(_ResetCallCounts(self))]
+        self._unwrapped = False
         modules = dict(model.named_modules())
         hooks: dict[tuple[str, str], _ModuleSitesHook] = {}
         for site, key in zip(self.sites, self.site_keys):
@@ -290,7 +291,7 @@ class SiteWrapper(nn.Module):
             hooks[slot].sites[site.call_index] = (site, key)
 
     def forward(self, *args, **kwargs):
-        if not self._handles:
+        if self._unwrapped:  # a flag, not the handles: torch.compile cannot trace a list of hook handles
             raise RuntimeError(f"This {type(self).__name__} was unwrapped; use the model that unwrap() returned.")
         return self.model(*args, **kwargs)
 
@@ -302,6 +303,7 @@ class SiteWrapper(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._unwrapped = True
         return self.model
 
 

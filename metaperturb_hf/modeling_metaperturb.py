@@ -313,6 +313,27 @@ class _PerturbFunction(torch.autograd.Function):
                 None, None, None, None)
 
 
+def _fused_phi(choice: str | None, h, parameters, running_mean, running_var, noise, settings: _Settings):
+    """The fused kernel of `metaperturb_hf.kernels` for this call, or None for the eager path: when asked for
+    ("eager"), when the package is absent (a hub copy of this file), or when the kernel did not build, failed its
+    self-check or does not implement the call (it says which, once)."""
+    if choice is None:
+        import os
+
+        choice = os.environ.get("METAPERTURB_KERNEL", "auto")
+    if choice not in ("auto", "eager", "cpu"):
+        raise ValueError(f"the φ kernel must be 'auto', 'eager' or 'cpu' (METAPERTURB_KERNEL), got {choice!r}.")
+    if choice == "eager":
+        return None
+    try:
+        from metaperturb_hf.kernels import select
+    except ImportError:
+        if choice == "cpu":
+            raise
+        return None
+    return select(choice, h, parameters, running_mean, running_var, noise, settings)
+
+
 def _memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
     if tensor.dim() == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -355,6 +376,8 @@ class MetaPerturbModel(PreTrainedModel):
         # Set to a list to collect (mean s, mean z) of every call, e.g. for logging during meta-training.
         self.monitor: list | None = None
         self.gradient_checkpointing = False
+        # "auto", "eager" or "cpu" (the fused CPU kernel); None defers to METAPERTURB_KERNEL, then "auto".
+        self.kernel: str | None = None
         self.post_init()
 
     @classmethod
@@ -407,6 +430,7 @@ class MetaPerturbModel(PreTrainedModel):
         noise: torch.Tensor | None = None,
         clip_value: float | None = None,
         expected_noise: bool = False,
+        kernel: str | None = None,
     ) -> torch.Tensor:
         r"""
         Perturb one site's features.
@@ -420,6 +444,8 @@ class MetaPerturbModel(PreTrainedModel):
             noise: the standard-normal draw ε (same shape as `hidden_states`); sampled when omitted.
             clip_value: upper clamp of the output, or None for no clamp.
             expected_noise: replace z by its expectation over ε (deterministic single pass) instead of sampling.
+            kernel: "auto", "eager" or "cpu" for this call (else `self.kernel`, else METAPERTURB_KERNEL, else
+                "auto"): whether the fused CPU kernel of `metaperturb_hf.kernels` may compute it.
 
         With a batch of one in training the batch variance of the statistics is taken as 0 (an unbiased variance
         of a single sample is undefined).
@@ -435,11 +461,11 @@ class MetaPerturbModel(PreTrainedModel):
                              self.training, self.config.stat_momentum, self.monitor is not None,
                              self.gradient_checkpointing and torch.is_grad_enabled())
         # φ computes in the features' own precision (its kernels are cast to it), so autocast has nothing to add.
+        parameters = (self.identity_kernels, self.mean_kernels, self.stat_kernels, self.scale_weight)
         with torch.autocast(h.device.type, enabled=False):
-            output, scale, noise_sample_mean = _PerturbFunction.apply(
-                h, self.identity_kernels, self.mean_kernels, self.stat_kernels, self.scale_weight,
-                running_mean, running_var, noise, settings,
-            )
+            fused = _fused_phi(kernel or self.kernel, h, parameters, running_mean, running_var, noise, settings)
+            function = fused or _PerturbFunction.apply
+            output, scale, noise_sample_mean = function(h, *parameters, running_mean, running_var, noise, settings)
         if self.monitor is not None:
             self.monitor.append((scale.detach().mean(), noise_sample_mean))
         return output.view(hidden_states.shape) if is_flat else output

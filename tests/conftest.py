@@ -46,3 +46,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fused_kernel():
+    """Builds φ's fused CPU kernel once per session (or takes the cached build); skips where it cannot be built."""
+    from metaperturb_hf import kernels
+
+    problem = kernels.availability()
+    if problem is not None:
+        pytest.skip(f"φ's fused CPU kernel is not usable here: it {problem}")
+    return kernels
+
+
+@pytest.fixture(params=["eager", "cpu"])
+def kernel(request):
+    """Each φ path by name, for tests that hold for both; "cpu" skips where the kernel cannot be built."""
+    if request.param == "cpu":
+        request.getfixturevalue("fused_kernel")
+    return request.param

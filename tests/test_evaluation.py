@@ -140,6 +140,7 @@ def test_chunked_draws_keep_each_image_with_its_own_draws(monkeypatch):
     x = torch.randn(5, 3, 16, 16) * torch.linspace(0.5, 3, 5).view(5, 1, 1, 1)
     monkeypatch.setattr(classifier_io, "MAX_REPEATED_BATCH", 12)  # 2 copies per pass: chunks of 2, 2, 2, 1
     monkeypatch.setattr(modeling_metaperturb, "_sample_noise", lambda mu, seed: torch.zeros_like(mu))
+    model.perturbation.kernel = "eager"  # the eager path's noise is the one pinned
     probs = predict_proba(model, x, num_samples=7, batch_size=5)
     model.eval()
     with torch.no_grad():

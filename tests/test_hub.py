@@ -148,6 +148,8 @@ def _env_with_package(hub: Hub) -> dict:
     env = dict(hub.env)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
     env["OMP_NUM_THREADS"] = "1"
+    # Outputs are compared bit for bit with the remote code's, which (without the package) runs φ's eager path.
+    env["METAPERTURB_KERNEL"] = "eager"
     return env
 
 
