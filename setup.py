@@ -24,9 +24,11 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7"],
-        "kernels": ["ninja"],  # torch.utils.cpp_extension builds the fused CPU kernel with it (and a C++ compiler)
-        "examples": ["scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard"],
+        # ninja: torch.utils.cpp_extension builds the fused CPU kernel with it (and a C++ compiler); without it φ
+        # runs its eager path.
+        "kernels": ["ninja"],
+        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "ninja"],
+        "examples": ["scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard", "ninja"],
     },
     entry_points={"console_scripts": ["metaperturb-convert=metaperturb_hf.convert:main"]},
 )
