@@ -145,24 +145,24 @@ def phi_optimizer(parameters: list[nn.Parameter], config: MetaTrainingConfig) ->
     return optimizer(parameters, lr=config.learning_rate, weight_decay=decay)
 
 
+def _phi_groups(flat: torch.Tensor, phi: MetaPerturbModel) -> dict[str, torch.Tensor]:
+    """A flat vector in φ's parameter order, cut into its groups: λ and γ of each layer, K, w."""
+    identity, mean, stat, scale = flat.split([p.numel() for p in phi.parameters()])
+    half = identity.numel() // 2
+    return {"lambda1": identity[:half], "lambda2": identity[half:], "gamma1": mean[:half], "gamma2": mean[half:],
+            "K": stat, "w": scale}
+
+
 def phi_statistics(phi: MetaPerturbModel, grad: torch.Tensor | None = None) -> dict[str, float]:
-    """Mean |parameter| of each of φ's groups (λ, γ per layer, K, w) and, with `grad` (flat, φ's order), the norm of
-    each group's gradient: whether the noise generator has left the origin, and what drives it."""
-    groups = {
-        "lambda1": phi.identity_kernels[0], "lambda2": phi.identity_kernels[1],
-        "gamma1": phi.mean_kernels[0], "gamma2": phi.mean_kernels[1],
-        "K": phi.stat_kernels, "w": phi.scale_weight,
-    }
-    stats = {f"phi/mean_abs_{name}": float(value.detach().abs().mean()) for name, value in groups.items()}
+    """Mean |parameter| of each of φ's groups (λ, γ per layer, K, w) and, with `grad` (flat, φ's order), each
+    group's gradient norm and its cosine with the parameters (> 0: a descent step shrinks the group toward 0):
+    whether the noise generator has left the origin, and whether the loss or the weight decay pulls it back."""
+    params = _phi_groups(torch.cat([p.detach().flatten() for p in phi.parameters()]), phi)
+    stats = {f"phi/mean_abs_{name}": float(value.abs().mean()) for name, value in params.items()}
     if grad is not None:
-        parts = dict(zip(("identity_kernels", "mean_kernels", "stat_kernels", "scale_weight"),
-                         grad.split([p.numel() for p in phi.parameters()])))
-        layers = {
-            "lambda1": parts["identity_kernels"][:9], "lambda2": parts["identity_kernels"][9:],
-            "gamma1": parts["mean_kernels"][:9], "gamma2": parts["mean_kernels"][9:],
-            "K": parts["stat_kernels"], "w": parts["scale_weight"],
-        }
-        stats.update({f"phi/grad_norm_{name}": float(value.norm()) for name, value in layers.items()})
+        for name, value in _phi_groups(grad, phi).items():
+            stats[f"phi/grad_norm_{name}"] = float(value.norm())
+            stats[f"phi/grad_cos_{name}"] = float(F.cosine_similarity(value, params[name].to(value.dtype), dim=0))
     return stats
 
 

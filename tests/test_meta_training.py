@@ -208,10 +208,22 @@ def test_logs_phi_magnitudes_gradients_and_per_site_noise(tmp_path):
     line = json.loads((tmp_path / "out" / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
     for group in ("lambda1", "lambda2", "gamma1", "gamma2", "K", "w"):
         assert line[f"phi/mean_abs_{group}"] > 0 and line[f"phi/grad_norm_{group}"] >= 0
+        assert -1 <= line[f"phi/grad_cos_{group}"] <= 1
     assert line["phi/mean_abs_K"] == pytest.approx(float(t.phi.stat_kernels.detach().abs().mean()))
     per_site = [line[f"site{i}/mean_z"] for i in range(4)]  # conv4: four sites
     assert all(z > 0 for z in per_site) and "site4/mean_z" not in line
     assert "task0/site0/mean_z" not in line  # per-site values are logged across tasks only
+
+
+def test_phi_statistics_cut_the_gradient_into_phis_groups():
+    from metaperturb_hf.meta_training import phi_statistics
+
+    phi = initial_phi(MetaTrainingConfig(architectures=["conv4"]))
+    flat = torch.cat([p.detach().flatten() for p in phi.parameters()])
+    stats = phi_statistics(phi, 2 * flat)  # a gradient along the parameters: every cosine is 1
+    assert all(stats[f"phi/grad_cos_{g}"] == pytest.approx(1) for g in ("lambda1", "lambda2", "gamma1", "gamma2", "K", "w"))
+    assert stats["phi/grad_norm_lambda2"] == pytest.approx(2 * float(phi.identity_kernels[1].detach().norm()))
+    assert stats["phi/mean_abs_gamma1"] == pytest.approx(float(phi.mean_kernels[0].detach().abs().mean()))
 
 
 def test_phi_initial_value_averaged_over_draws_shrinks_by_its_square_root():
