@@ -3,7 +3,8 @@
 Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per measurement:
   (a) frozen φ: one transfer-training step with φ at every site / one plain step;
   (b) trainable φ: one meta-training step (θ step on a train batch, φ-gradient on a validation batch) / two plain steps;
-  (c) evaluation: single pass ("mean" mode) and MC with K = 1, 5, 100 / one plain forward;
+  (c) evaluation: single pass ("mean" mode; also after `calibrate_single_pass`) and MC with K = 1, 5, 100
+      (`--mc-samples`) / one plain forward;
   (d) memory of a training step with / without the perturbation (CUDA: the allocator's peak; CPU: the storages
       autograd saves for backward, counted once each);
   (a', d') (a) and (d) with φ's activation checkpointing on (it saves only its input and recomputes the rest);
@@ -13,7 +14,7 @@ Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per me
 The variants of one measurement are timed in turn, round after round, `--repeats` rounds after warm-up; ratios are of
 medians from the same rounds.
 
-    python benchmarks/overhead.py [--device cuda] [--output benchmarks/results/overhead.jsonl]
+    python benchmarks/overhead.py [--device cuda] [--output benchmarks/results/overhead.jsonl] [--measures eval]
 """
 
 import argparse
@@ -40,6 +41,8 @@ TARGETS = {
     ("resnet20", "frozen_train_step_checkpointed"): 1.30, ("conv4", "frozen_train_step_checkpointed"): 1.50,
     ("resnet20", "saved_activations_train_step_checkpointed"): 1.5,
     ("conv4", "saved_activations_train_step_checkpointed"): 1.5,
+    # Issue 13: the calibrated single pass at most 1.5× a plain forward.
+    ("resnet20", "eval_single_pass_calibrated"): 1.5, ("conv4", "eval_single_pass_calibrated"): 1.5,
 }
 # Stencils per site in a frozen training step that no exact eager implementation avoids: forward λ₁ (hidden), λ₂ (μ)
 # and the four statistics filters; backward the transposed stencil of each of these six.
@@ -171,6 +174,11 @@ class Setup:
         self.plain.eval()
         self.plain(self.x)
 
+    def calibrated(self):
+        """The perturbed network with its single pass calibrated (its own BatchNorm statistics swapped in)."""
+        self.perturbed.calibrate_single_pass([self.x])
+        return self
+
     def perturbed_eval(self, mode: str, samples: int):
         def run():
             self.perturbed.eval()
@@ -234,8 +242,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--archs", default="resnet20,conv4")
     parser.add_argument("--output", help="append the JSON lines to this file too")
+    parser.add_argument("--measures", default="train,meta,eval,memory",
+                        help="which groups to run: train (a, a', e), meta (b), eval (c), memory (d, d')")
     parser.add_argument("--memory-format", choices=["channels_last", "contiguous_format"], default="channels_last",
                         help="layout of both networks (the reference networks train in channels-last)")
+    parser.add_argument("--mc-samples", default="1,5,100", help="the K of the MC evaluations (eval)")
     args = parser.parse_args()
     device = torch.device(args.device)
     memory_format = getattr(torch, args.memory_format)
@@ -254,36 +265,48 @@ def main():
             with open(args.output, "a") as f:
                 f.write(line + "\n")
 
+    measures = set(args.measures.split(","))
     for arch in args.archs.split(","):
         frozen = Setup(arch, device, trainable=False, memory_format=memory_format)
-        checkpointed = Setup(arch, device, trainable=False, memory_format=memory_format, checkpointing=True)
-        plain, with_phi, with_checkpointed_phi, floor_ops, one_pass = interleaved(
-            [frozen.plain_step, frozen.frozen_step, checkpointed.frozen_step, frozen.eager_floor_ops(),
-             frozen.elementwise_pass_ops()], device, args.repeats)
-        emit({"arch": arch, "measure": "frozen_train_step", "plain_s": plain, "perturbed_s": with_phi,
-              "ratio": with_phi / plain})
-        emit({"arch": arch, "measure": "frozen_train_step_checkpointed", "plain_s": plain,
-              "perturbed_s": with_checkpointed_phi, "ratio": with_checkpointed_phi / plain})
-        emit({"arch": arch, "measure": "frozen_train_step_eager_floor", "plain_s": plain, "floor_ops_s": floor_ops,
-              "ratio": (plain + floor_ops) / plain, "stencils_per_site": FLOOR_STENCILS_PER_SITE})
-        emit({"arch": arch, "measure": "elementwise_pass_over_all_sites", "plain_s": plain, "pass_s": one_pass,
-              "ratio": one_pass / plain, "full_size_kernels_per_site": frozen.full_size_kernels_per_site()})
-        meta = Setup(arch, device, trainable=True, memory_format=memory_format)
-        two_plain, meta_s = interleaved([meta.two_plain_steps, meta.meta_step], device, args.repeats)
-        emit({"arch": arch, "measure": "meta_train_step_vs_two_plain", "plain_s": two_plain, "perturbed_s": meta_s,
-              "ratio": meta_s / two_plain})
-        for mode, samples in (("mean", 1), ("sample", 1), ("sample", 5), ("sample", 100)):
-            repeats = max(3, args.repeats // 3) if samples == 100 else args.repeats
-            plain, perturbed = interleaved([frozen.plain_eval, frozen.perturbed_eval(mode, samples)], device, repeats)
-            emit({"arch": arch, "measure": f"eval_{'single_pass' if mode == 'mean' else f'mc{samples}'}",
-                  "plain_s": plain, "perturbed_s": perturbed, "ratio": perturbed / plain})
-        memory = "peak_memory_train_step" if device.type == "cuda" else "saved_activations_train_step"
-        plain_mib = peak_memory_mib(arch, "plain", device, memory_format)
-        for variant, suffix in (("perturbed", ""), ("checkpointed", "_checkpointed")):
-            perturbed_mib = peak_memory_mib(arch, variant, device, memory_format)
-            emit({"arch": arch, "measure": memory + suffix, "plain_mib": plain_mib, "perturbed_mib": perturbed_mib,
-                  "ratio": perturbed_mib / plain_mib if plain_mib else None})
-
+        if "train" in measures:
+            checkpointed = Setup(arch, device, trainable=False, memory_format=memory_format, checkpointing=True)
+            plain, with_phi, with_checkpointed_phi, floor_ops, one_pass = interleaved(
+                [frozen.plain_step, frozen.frozen_step, checkpointed.frozen_step, frozen.eager_floor_ops(),
+                 frozen.elementwise_pass_ops()], device, args.repeats)
+            emit({"arch": arch, "measure": "frozen_train_step", "plain_s": plain, "perturbed_s": with_phi,
+                  "ratio": with_phi / plain})
+            emit({"arch": arch, "measure": "frozen_train_step_checkpointed", "plain_s": plain,
+                  "perturbed_s": with_checkpointed_phi, "ratio": with_checkpointed_phi / plain})
+            emit({"arch": arch, "measure": "frozen_train_step_eager_floor", "plain_s": plain, "floor_ops_s": floor_ops,
+                  "ratio": (plain + floor_ops) / plain, "stencils_per_site": FLOOR_STENCILS_PER_SITE})
+            emit({"arch": arch, "measure": "elementwise_pass_over_all_sites", "plain_s": plain, "pass_s": one_pass,
+                  "ratio": one_pass / plain, "full_size_kernels_per_site": frozen.full_size_kernels_per_site()})
+        if "meta" in measures:
+            meta = Setup(arch, device, trainable=True, memory_format=memory_format)
+            two_plain, meta_s = interleaved([meta.two_plain_steps, meta.meta_step], device, args.repeats)
+            emit({"arch": arch, "measure": "meta_train_step_vs_two_plain", "plain_s": two_plain, "perturbed_s": meta_s,
+                  "ratio": meta_s / two_plain})
+        if "eval" in measures:
+            calibrated = Setup(arch, device, trainable=False, memory_format=memory_format).calibrated()
+            plain, single, single_calibrated = interleaved(
+                [frozen.plain_eval, frozen.perturbed_eval("mean", 1), calibrated.perturbed_eval("mean", 1)],
+                device, args.repeats)
+            for measure, seconds in (("eval_single_pass", single), ("eval_single_pass_calibrated", single_calibrated)):
+                emit({"arch": arch, "measure": measure, "plain_s": plain, "perturbed_s": seconds,
+                      "ratio": seconds / plain})
+            for samples in (int(k) for k in args.mc_samples.split(",")):
+                repeats = max(3, args.repeats // 3) if samples == 100 else args.repeats
+                plain, perturbed = interleaved([frozen.plain_eval, frozen.perturbed_eval("sample", samples)], device,
+                                               repeats)
+                emit({"arch": arch, "measure": f"eval_mc{samples}", "plain_s": plain, "perturbed_s": perturbed,
+                      "ratio": perturbed / plain})
+        if "memory" in measures:
+            memory = "peak_memory_train_step" if device.type == "cuda" else "saved_activations_train_step"
+            plain_mib = peak_memory_mib(arch, "plain", device, memory_format)
+            for variant, suffix in (("perturbed", ""), ("checkpointed", "_checkpointed")):
+                perturbed_mib = peak_memory_mib(arch, variant, device, memory_format)
+                emit({"arch": arch, "measure": memory + suffix, "plain_mib": plain_mib, "perturbed_mib": perturbed_mib,
+                      "ratio": perturbed_mib / plain_mib if plain_mib else None})
 
 if __name__ == "__main__":
     main()
