@@ -3,8 +3,8 @@
 Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per measurement:
   (a) frozen φ: one transfer-training step with φ at every site / one plain step;
   (b) trainable φ: one meta-training step (θ step on a train batch, φ-gradient on a validation batch) / two plain steps;
-  (c) evaluation: single pass ("mean" mode; also after `calibrate_single_pass`) and MC with K = 1, 5, 100
-      (`--mc-samples`) / one plain forward;
+  (c) evaluation: single pass ("mean" mode; also after `calibrate_single_pass`, and calibrated at κ = 0, which
+      skips φ) and MC with K = 1, 5, 100 (`--mc-samples`) / one plain forward;
   (d) memory of a training step with / without the perturbation (CUDA: the allocator's peak; CPU: the storages
       autograd saves for backward, counted once each);
   (a', d') (a) and (d) with φ's activation checkpointing on (it saves only its input and recomputes the rest);
@@ -174,8 +174,9 @@ class Setup:
         self.plain.eval()
         self.plain(self.x)
 
-    def calibrated(self):
-        """The perturbed network with its single pass calibrated (its own BatchNorm statistics swapped in)."""
+    def calibrated(self, noise_coeff: float = 1.0):
+        """The perturbed network with its single pass calibrated at κ (its own BatchNorm statistics swapped in)."""
+        self.perturbed.set_noise_coeff(noise_coeff)
         self.perturbed.calibrate_single_pass([self.x])
         return self
 
@@ -288,10 +289,12 @@ def main():
                   "ratio": meta_s / two_plain})
         if "eval" in measures:
             calibrated = Setup(arch, device, trainable=False, memory_format=memory_format).calibrated()
-            plain, single, single_calibrated = interleaved(
-                [frozen.plain_eval, frozen.perturbed_eval("mean", 1), calibrated.perturbed_eval("mean", 1)],
-                device, args.repeats)
-            for measure, seconds in (("eval_single_pass", single), ("eval_single_pass_calibrated", single_calibrated)):
+            noise_off = Setup(arch, device, trainable=False, memory_format=memory_format).calibrated(noise_coeff=0.0)
+            plain, single, single_calibrated, single_noise_off = interleaved(
+                [frozen.plain_eval, frozen.perturbed_eval("mean", 1), calibrated.perturbed_eval("mean", 1),
+                 noise_off.perturbed_eval("mean", 1)], device, args.repeats)
+            for measure, seconds in (("eval_single_pass", single), ("eval_single_pass_calibrated", single_calibrated),
+                                     ("eval_noise_off_calibrated", single_noise_off)):
                 emit({"arch": arch, "measure": measure, "plain_s": plain, "perturbed_s": seconds,
                       "ratio": seconds / plain})
             for samples in (int(k) for k in args.mc_samples.split(",")):

@@ -485,6 +485,8 @@ class PerturbedModel(SiteWrapper):
     def _perturb(self, site: Site, key: str, hidden_states: torch.Tensor) -> torch.Tensor:
         stats = self.site_statistics[key]
         phi = self.perturbation
+        if self.noise_coeff == 0.0 and not phi.training:  # the identity; in training φ still updates its statistics
+            return hidden_states
         try:
             return phi(
                 hidden_states,

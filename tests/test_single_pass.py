@@ -111,6 +111,23 @@ def test_the_noise_mode_chooses_the_statistics_and_training_updates_the_classifi
     assert not torch.equal(own_var, before) and torch.equal(single_var, single_before)
 
 
+def test_calibrated_at_kappa_zero_it_is_the_classifier_alone_with_statistics_without_noise(perturbation):
+    model = trained_conv4(perturbation)
+    plain = copy.deepcopy(model).unwrap()
+    torch.optim.swa_utils.update_bn(calibration_batches(), plain)
+    model.set_noise_coeff(0.0)
+    model.calibrate_single_pass(calibration_batches())
+    model.set_noise_mode("mean")
+    calls = []
+    model.perturbation.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x), plain.eval()(x))
+    assert calls == []  # φ is skipped at κ = 0 in evaluation: the cost of a plain forward
+    model.set_noise_coeff(1.0)
+    model(x)
+    assert calls  # at κ = 1 the classifier's own statistics and φ again
+
+
 def test_a_failing_forward_leaves_the_classifier_its_own_statistics(perturbation):
     model = trained_conv4(perturbation)
     model.calibrate_single_pass(calibration_batches())
