@@ -77,6 +77,25 @@ def apply_method(model: nn.Module, method: str, image_size: int, perturbation: M
     return model
 
 
+def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: ImageTensors, batch_size: int) -> dict:
+    """`evaluate` of the single pass calibrated on unaugmented training batches, with two accuracies beside it.
+
+    `uncalibrated_accuracy`: the single pass with the statistics gathered in training; `noise_off_calibrated_accuracy`:
+    the classifier alone (κ = 0, the cost of a plain forward) with statistics calibrated at κ = 0. The model is left
+    in "mean" mode, calibrated at the κ it came with.
+    """
+    model.set_noise_mode("mean")
+    uncalibrated = evaluate(model, test)["accuracy"]
+    kappa = model.noise_coeff
+    model.set_noise_coeff(0.0)
+    model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
+    noise_off = evaluate(model, test)["accuracy"]
+    model.set_noise_coeff(kappa)
+    used = model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
+    return {**evaluate(model, test), "uncalibrated_accuracy": uncalibrated, "noise_off_calibrated_accuracy": noise_off,
+            "calibration_batches": used}
+
+
 def run_transfer(
     method: str,
     arch: str,
@@ -91,8 +110,8 @@ def run_transfer(
 ) -> list[dict]:
     """Train one (method, arch, seed) run and return its evaluation records (two for MetaPerturb: MC and single pass).
 
-    MetaPerturb's single pass is calibrated first (`PerturbedModel.calibrate_single_pass` on up to
-    `CALIBRATION_BATCHES` unaugmented training batches); its record also holds the accuracy before calibration.
+    MetaPerturb's single pass is calibrated first (`evaluate_single_pass`); its record also holds the accuracy before
+    calibration and that of the classifier alone calibrated without noise.
     `save_model` writes the trained network's state dict there (atomically), e.g. a source network for the
     "finetune" baseline; for MetaPerturb the whole `PerturbedModel.state_dict()` (φ, site and single-pass
     statistics included), which `add_perturbation` + `load_state_dict` restore and `init_from` also accepts.
@@ -107,11 +126,8 @@ def run_transfer(
             "train_images": len(train), "train_seconds": round(result["train_seconds"], 1)}
     records = [{**base, **evaluate(model, test, num_samples=mc_samples if method == "metaperturb" else 1)}]
     if method == "metaperturb":
-        model.set_noise_mode("mean")
-        uncalibrated = evaluate(model, test)["accuracy"]
-        used = model.calibrate_single_pass(normalized_batches(train, config.batch_size), CALIBRATION_BATCHES)
-        records.append({**base, "method": "metaperturb_single_pass", **evaluate(model, test),
-                        "uncalibrated_accuracy": uncalibrated, "calibration_batches": used})
+        records.append({**base, "method": "metaperturb_single_pass",
+                        **evaluate_single_pass(model, train, test, config.batch_size)})
     if save_model:  # a MetaPerturb run whole; a regularized network without its wrapper
         unwrapped = isinstance(model, SiteWrapper) and not isinstance(model, PerturbedModel)
         save_state_dict(model.model if unwrapped else model, save_model)
