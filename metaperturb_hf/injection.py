@@ -332,6 +332,8 @@ class SinglePassStatistics(nn.Module):
     def __init__(self, norms: list[tuple[str, nn.Module]], noise_coeff: float):
         super().__init__()
         self.register_buffer("noise_coeff", torch.tensor(float(noise_coeff), dtype=torch.float64))
+        self.kappa = float(noise_coeff)  # a Python copy: reading the buffer on a GPU would synchronise every forward
+        self.register_load_state_dict_post_hook(_remember_kappa)
         self.norms = nn.ModuleDict()
         for key, (_, norm) in zip(_unique_keys([name for name, _ in norms]), norms):
             statistics = nn.Module()
@@ -339,6 +341,10 @@ class SinglePassStatistics(nn.Module):
                 statistics.register_buffer(name, torch.zeros_like(getattr(norm, name)))
             statistics.running_var.fill_(1.0)  # reset_running_stats' starting point
             self.norms[key] = statistics
+
+
+def _remember_kappa(store: SinglePassStatistics, incompatible_keys) -> None:
+    store.kappa = float(store.noise_coeff)
 
 
 class PerturbedModel(SiteWrapper):
@@ -394,7 +400,7 @@ class PerturbedModel(SiteWrapper):
             store is not None
             and self.noise_mode == "mean"
             and not self.perturbation.training
-            and abs(self.noise_coeff - float(store.noise_coeff)) < NOISE_COEFF_TOLERANCE
+            and abs(self.noise_coeff - store.kappa) < NOISE_COEFF_TOLERANCE
         )
 
     @contextmanager
@@ -428,8 +434,10 @@ class PerturbedModel(SiteWrapper):
 
         Run it after training, on training data. As `torch.optim.swa_utils.update_bn`: the statistics start from
         their reset values and average the batches equally (momentum None), the norm layers in training mode and
-        everything else, φ included, in eval at the current κ. The classifier's own statistics (training and MC
-        use them) and φ's site statistics are not changed. Calibrating again replaces the previous calibration.
+        everything else, φ included, in eval at the current κ (the statistics are used at that κ only; at κ = 0 the
+        single pass is the classifier alone, φ skipped, with statistics estimated without noise). The classifier's
+        own statistics (training and MC use them) and φ's site statistics are not changed. Calibrating again
+        replaces the previous calibration.
 
         Args:
             batches: an iterable of normalised image tensors, `(images, labels, ...)` tuples or lists (the first
