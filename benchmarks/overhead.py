@@ -4,7 +4,8 @@ Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per me
   (a) frozen φ: one transfer-training step with φ at every site / one plain step;
   (b) trainable φ: one meta-training step (θ step on a train batch, φ-gradient on a validation batch) / two plain steps;
   (c) evaluation: single pass ("mean" mode; also after `calibrate_single_pass`, and calibrated at κ = 0, which
-      skips φ) and MC with K = 1, 5, 100 (`--mc-samples`) / one plain forward;
+      skips φ), three of φ's parts in that pass over all sites, and MC with K = 1, 5, 100 (`--mc-samples`) / one
+      plain forward;
   (d) memory of a training step with / without the perturbation (CUDA: the allocator's peak; CPU: the storages
       autograd saves for backward, counted once each);
   (a', d') (a) and (d) with φ's activation checkpointing on (it saves only its input and recomputes the rest);
@@ -30,7 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.evaluation import predict_proba
-from metaperturb_hf.modeling_metaperturb import _noise_seed, _sample_noise, _stencil
+from metaperturb_hf.modeling_metaperturb import (_expected_noise_and_slope, _noise_generator, _noise_seed,
+                                                 _pooled_responses, _sample_noise, _stencil)
 
 BATCH, SIZE, CLASSES = 128, 32, 40
 # Issue 6's targets on a 2-core CPU, as (arch, measure) -> largest acceptable ratio.
@@ -169,6 +171,18 @@ class Setup:
         maps = self.site_maps()
         return lambda: [features.neg() for features in maps]
 
+    def single_pass_parts(self) -> dict:
+        """The single pass's parts of φ at every site's shape: μ, the 8-node E[softplus(μ + ε)], and the pooled
+        statistics responses, which evaluation computes but does not use (it takes the running statistics)."""
+        maps, phi = self.site_maps(), self.phi
+        nodes = phi.expected_noise_nodes
+        return {
+            "noise_generator": lambda: [_noise_generator(h, h.mean(dim=1, keepdim=True), phi.identity_kernels,
+                                                         phi.mean_kernels) for h in maps],
+            "expected_noise": lambda: [_expected_noise_and_slope(h, nodes, False) for h in maps],
+            "pooled_responses": lambda: [_pooled_responses(h, phi.stat_kernels, torch.float32) for h in maps],
+        }
+
     @torch.no_grad()
     def plain_eval(self):
         self.plain.eval()
@@ -296,6 +310,12 @@ def main():
             for measure, seconds in (("eval_single_pass", single), ("eval_single_pass_calibrated", single_calibrated),
                                      ("eval_noise_off_calibrated", single_noise_off)):
                 emit({"arch": arch, "measure": measure, "plain_s": plain, "perturbed_s": seconds,
+                      "ratio": seconds / plain})
+            parts = frozen.single_pass_parts()
+            with torch.no_grad():
+                plain, *part_seconds = interleaved([frozen.plain_eval, *parts.values()], device, args.repeats)
+            for name, seconds in zip(parts, part_seconds):
+                emit({"arch": arch, "measure": f"eval_single_pass_part_{name}", "plain_s": plain, "part_s": seconds,
                       "ratio": seconds / plain})
             for samples in (int(k) for k in args.mc_samples.split(",")):
                 repeats = max(3, args.repeats // 3) if samples == 100 else args.repeats
