@@ -35,6 +35,15 @@ def parse_args(argv=None):
     training.add_argument("--batch-size", type=int, default=128)
     training.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of θ and φ")
     training.add_argument("--weight-decay", type=float, default=5e-4)
+    phi = parser.add_argument_group("φ's optimisation (defaults: the authors' protocol)")
+    phi.add_argument("--phi-weight-decay", type=float, default=None, help="φ's weight decay (default: --weight-decay)")
+    phi.add_argument("--phi-weight-decay-mode", choices=["l2", "decoupled"], default="l2",
+                     help="Adam's L2 term, as the authors (default), or decoupled as in AdamW")
+    phi.add_argument("--phi-weight-decay-start", type=int, default=0,
+                     help="first step at which φ's weight decay applies (default: 0, from the start)")
+    phi.add_argument("--phi-init-std", type=float, default=None, help="std of φ's initial N(0, std) (default: 0.01)")
+    phi.add_argument("--phi-init-average", type=int, default=1,
+                     help="average φ's initial value over this many draws (the authors' 10 processes: 10; default 1)")
     training.add_argument("--lookahead", action="store_true", help="φ-gradient through a one-step lookahead of θ (slower)")
     training.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     training.add_argument("--seed", type=int, default=0)
@@ -66,6 +75,11 @@ def main(argv=None):
         mixed_precision=args.mixed_precision,
         collective_timeout=args.collective_timeout,
         source=str(args.dataset),
+        phi_weight_decay=args.phi_weight_decay,
+        phi_weight_decay_mode=args.phi_weight_decay_mode,
+        phi_weight_decay_start=args.phi_weight_decay_start,
+        phi_init_std=args.phi_init_std,
+        phi_init_average=args.phi_init_average,
     )
     accelerator = create_accelerator(config)
     with accelerator.main_process_first():

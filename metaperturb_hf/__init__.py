@@ -1,9 +1,13 @@
 """MetaPerturb for the Hugging Face ecosystem: a transferable, meta-learned perturbation regularizer."""
 
+import importlib
+import importlib.util
+import pkgutil
+
 from transformers import AutoConfig, AutoModel
 
 from .configuration_metaperturb import MetaPerturbConfig
-from .convert import convert_official_checkpoint
+from .convert import convert_official_checkpoint, convert_official_classifier
 from .injection import PerturbedModel, Site, add_perturbation, find_sites
 from .modeling_metaperturb import MetaPerturbModel
 
@@ -22,5 +26,19 @@ __all__ = [
     "Site",
     "add_perturbation",
     "convert_official_checkpoint",
+    "convert_official_classifier",
     "find_sites",
 ]
+
+
+def __getattr__(name: str):
+    """A submodule on first use (`metaperturb_hf.architectures.create_model(...)`), as transformers does: `import
+    metaperturb_hf` stays as fast as it is and does not load what only some users need (`datasets`, the
+    meta-trainer)."""
+    if name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {module.name for module in pkgutil.iter_modules(__path__)})

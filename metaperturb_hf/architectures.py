@@ -13,10 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "BasicBlock",
+    "ChannelPadShortcut",
     "ConvNet",
     "MLP",
     "ResNet",
@@ -86,9 +88,10 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    """A bias-free 3x3 convolution that keeps the size at stride 1 (a following BatchNorm makes a bias redundant)."""
-    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    """A 3x3 convolution that keeps the size at stride 1; bias-free by default (a following BatchNorm makes a bias
+    redundant in training; the authors' Conv-4/6 carry one, which shifts only BatchNorm's running mean)."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=bias)
 
 
 def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -96,9 +99,9 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, pool: bool = False) -> nn.Sequential:
+def conv_bn_relu(in_channels: int, out_channels: int, pool: bool = False, bias: bool = False) -> nn.Sequential:
     """`conv3x3 -> BatchNorm2d -> ReLU`, then `MaxPool2d(2)` when `pool`: the plain layer of every conv net here."""
-    layers = [conv3x3(in_channels, out_channels), nn.BatchNorm2d(out_channels), nn.ReLU()]
+    layers = [conv3x3(in_channels, out_channels, bias=bias), nn.BatchNorm2d(out_channels), nn.ReLU()]
     if pool:
         layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
@@ -122,25 +125,32 @@ class ConvNet(nn.Module):
 
 
 def _few_shot_conv_net(
-    num_blocks: int, num_pools: int, num_classes: int, image_size: int, in_channels: int, width: int
+    num_blocks: int, num_pools: int, num_classes: int, image_size: int, in_channels: int, width: int, conv_bias: bool
 ) -> ConvNet:
     if width < 1:
         raise ValueError(f"width must be at least 1, got {width}")
-    blocks = [conv_bn_relu(in_channels if i == 0 else width, width, pool=i < num_pools) for i in range(num_blocks)]
+    blocks = [
+        conv_bn_relu(in_channels if i == 0 else width, width, pool=i < num_pools, bias=conv_bias)
+        for i in range(num_blocks)
+    ]
     final_size = image_size // 2**num_pools
     return ConvNet(blocks, width * final_size * final_size, num_classes, global_pool=False)
 
 
 @register_model("conv4", min_image_size=2**4)
-def conv4(num_classes: int, image_size: int, in_channels: int, width: int = 32) -> ConvNet:
-    """Conv-4: four pooled conv blocks of `width` channels."""
-    return _few_shot_conv_net(4, 4, num_classes, image_size, in_channels, width)
+def conv4(
+    num_classes: int, image_size: int, in_channels: int, width: int = 32, conv_bias: bool = False
+) -> ConvNet:
+    """Conv-4: four pooled conv blocks of `width` channels. `conv_bias=True` adds the authors' convolution bias."""
+    return _few_shot_conv_net(4, 4, num_classes, image_size, in_channels, width, conv_bias)
 
 
 @register_model("conv6", min_image_size=2**4)
-def conv6(num_classes: int, image_size: int, in_channels: int, width: int = 32) -> ConvNet:
-    """Conv-6: six conv blocks of `width` channels; only the first four pool, so small inputs still fit."""
-    return _few_shot_conv_net(6, 4, num_classes, image_size, in_channels, width)
+def conv6(
+    num_classes: int, image_size: int, in_channels: int, width: int = 32, conv_bias: bool = False
+) -> ConvNet:
+    """Conv-6: six conv blocks of `width` channels; only the first four pool, so small inputs still fit. `conv_bias=True` adds the authors' convolution bias."""
+    return _few_shot_conv_net(6, 4, num_classes, image_size, in_channels, width, conv_bias)
 
 
 VGG9_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -159,14 +169,38 @@ def vgg9(num_classes: int, image_size: int, in_channels: int) -> ConvNet:
     return ConvNet(blocks, channels, num_classes, global_pool=True)
 
 
+class ChannelPadShortcut(nn.Module):
+    """He et al.'s option-A shortcut: subsample by `stride` and zero-pad the new channels, half on each side.
+
+    It has no parameters, so a ResNet-20 has the paper's 0.27 M (the authors' networks use it).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(f"an option-A shortcut only adds channels, got {in_channels} -> {out_channels}")
+        self.stride = stride
+        self.pad_before = (out_channels - in_channels) // 2
+        self.pad_after = out_channels - in_channels - self.pad_before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad_before, self.pad_after))
+
+
+SHORTCUT_TYPES = ("A", "B")
+
+
 class BasicBlock(nn.Module):
     """The post-activation residual block of He et al. (2016): its output is that of `act2`, applied after the add.
 
-    The shortcut is the identity, or a strided 1x1 conv + BN (option B) when the shape changes.
+    The shortcut is the identity or, when the shape changes, option A (`ChannelPadShortcut`: subsampling and zero
+    channels, the authors' and the paper's choice) or option B (a strided 1x1 conv + BN).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, shortcut: str = "A"):
         super().__init__()
+        if shortcut not in SHORTCUT_TYPES:
+            raise ValueError(f"shortcut must be one of {SHORTCUT_TYPES}, got {shortcut!r}")
         self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.act1 = nn.ReLU()
@@ -174,7 +208,10 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+            if shortcut == "A":
+                self.shortcut = nn.Sequential(ChannelPadShortcut(in_channels, out_channels, stride))
+            else:
+                self.shortcut = nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
         self.act2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,17 +229,24 @@ def _stage(block: Callable[..., nn.Module], num_blocks: int, in_channels: int, o
 
 
 class ResNet(nn.Module):
-    """The CIFAR ResNet of He et al. (2016): 16-channel stem, three stages of 16/32/64 channels, avg pool, Linear."""
+    """The CIFAR ResNet of He et al. (2016): 16-channel stem, three stages of 16/32/64 channels, avg pool, Linear.
 
-    def __init__(self, depth: int, num_classes: int, in_channels: int = 3):
+    `shortcut` is "A" (parameter-free, as in the paper and the authors' code) or "B" (1x1 projection).
+    """
+
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3, shortcut: str = "A"):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n+2 with n >= 1, got {depth}")
         num_blocks = (depth - 2) // 6
+
+        def block(block_in: int, block_out: int, stride: int) -> BasicBlock:
+            return BasicBlock(block_in, block_out, stride, shortcut)
+
         self.stem = conv_bn_relu(in_channels, 16)
-        self.layer1 = _stage(BasicBlock, num_blocks, 16, 16, stride=1)
-        self.layer2 = _stage(BasicBlock, num_blocks, 16, 32, stride=2)
-        self.layer3 = _stage(BasicBlock, num_blocks, 32, 64, stride=2)
+        self.layer1 = _stage(block, num_blocks, 16, 16, stride=1)
+        self.layer2 = _stage(block, num_blocks, 16, 32, stride=2)
+        self.layer3 = _stage(block, num_blocks, 32, 64, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
 
@@ -211,12 +255,12 @@ class ResNet(nn.Module):
         return self.fc(self.pool(out).flatten(1))
 
 
-def _resnet_builder(depth: int) -> Callable[[int, int, int], ResNet]:
-    def build(num_classes: int, image_size: int, in_channels: int) -> ResNet:
-        return ResNet(depth, num_classes, in_channels)
+def _resnet_builder(depth: int) -> Callable[..., ResNet]:
+    def build(num_classes: int, image_size: int, in_channels: int, shortcut: str = "A") -> ResNet:
+        return ResNet(depth, num_classes, in_channels, shortcut)
 
     build.__name__ = build.__qualname__ = f"resnet{depth}"
-    build.__doc__ = f"ResNet-{depth} for CIFAR-sized inputs."
+    build.__doc__ = f"ResNet-{depth} for CIFAR-sized inputs; `shortcut` \"A\" (default, the paper's) or \"B\"."
     return build
 
 

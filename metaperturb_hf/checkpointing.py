@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .modeling_metaperturb import MetaPerturbModel
 
@@ -88,8 +88,11 @@ def load_perturbation(folder: str | os.PathLike) -> MetaPerturbModel:
     weights stored as integers, which transformers would convert silently."""
     weights = Path(folder) / "model.safetensors"
     if weights.is_file():
-        with safe_open(weights, framework="pt") as file:
-            stored = {name: file.get_slice(name).get_dtype() for name in file.keys()}
+        try:
+            with safe_open(weights, framework="pt") as file:
+                stored = {name: file.get_slice(name).get_dtype() for name in file.keys()}
+        except SafetensorError:
+            stored = {}  # unreadable: from_pretrained below reads it the same way and says which file and what to do
         if not_float := {name: dtype for name, dtype in stored.items() if dtype not in ("F16", "BF16", "F32", "F64")}:
             raise ValueError(f"{weights} stores {not_float}; the weights of a perturbation function are floats.")
     return MetaPerturbModel.from_pretrained(folder)

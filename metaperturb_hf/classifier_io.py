@@ -2,6 +2,7 @@
 `transformers` ones take `pixel_values=` and return an output with `.logits`."""
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -21,6 +22,19 @@ def input_name_for(model: nn.Module, input_name: str | None = None) -> str | Non
         return input_name
     config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
     return "pixel_values" if hasattr(config, "num_labels") else None
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, then every submodule's own train/eval flag back: they may differ (a BatchNorm
+    kept in eval mode while the rest trains), and `model.train(mode)` would set them all alike."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def repeat_chunks(batch_size: int, draws: int) -> Iterator[int]:

@@ -1,4 +1,5 @@
-"""Convert the authors' released MetaPerturb checkpoint (`.pth`) into a `MetaPerturbModel`.
+"""Convert the authors' released MetaPerturb checkpoint (`.pth`) into a `MetaPerturbModel`, and the authors'
+classifiers' state dicts into this package's reference networks.
 
     python -m metaperturb_hf.convert official_tin_resnet20_perturb_750.pth ./metaperturb-tin-resnet20
 
@@ -6,10 +7,14 @@ The checkpoint is read with `torch.load(..., weights_only=True)`, so no pickled 
 """
 
 import argparse
+import math
 import os
 import pickle
+import re
+from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from .checkpointing import load_error_reason
 from .configuration_metaperturb import MetaPerturbConfig
@@ -82,6 +87,63 @@ def convert_official_checkpoint(path: str | os.PathLike, config: MetaPerturbConf
             if row is not None:
                 target = target[row : row + 1]
             target.copy_(state[official_key].reshape(target.shape))
+    return model
+
+
+# The authors' classifier keys -> ours (architectures.py); their φ is shared by every block and appears under each.
+_RESNET_KEYS = ((r"conv1\.", "stem.0."), (r"bn1\.", "stem.1."), (r"(layer\d\.\d+\.)", r"\1"), (r"fc\.", "fc."))
+_CONV_NET_KEYS = ((r"conv_layers\.(\d+)\.conv\.", r"features.\1.0."), (r"conv_layers\.(\d+)\.bn\.", r"features.\1.1."),
+                  (r"fc\.", "classifier."))
+_OFFICIAL_CLASSIFIERS = {"resnet20": _RESNET_KEYS, "resnet32": _RESNET_KEYS, "resnet44": _RESNET_KEYS,
+                         "resnet56": _RESNET_KEYS, "conv4": _CONV_NET_KEYS, "conv6": _CONV_NET_KEYS}
+
+
+def _our_key(key: str, rules) -> str | None:
+    for pattern, replacement in rules:
+        match = re.match(pattern, key)
+        if match:
+            return match.expand(replacement) + key[match.end():]
+    return None
+
+
+def convert_official_classifier(state_dict: Mapping[str, torch.Tensor], arch: str, num_classes: int) -> nn.Module:
+    """Build this package's `arch` network holding the weights of an authors' classifier `state_dict`.
+
+    `arch` is the authors' name (`resnet20`..`resnet56`, `conv4_32`, `conv6_64`, ...) or ours. ResNets get the
+    authors' option-A shortcut, conv nets their convolution bias; the width, the input channels and (for conv nets)
+    the image size are read off the weights. Their perturbation's entries (`perturb.*`) are left out: convert φ
+    with `convert_official_checkpoint`. Loading is strict, so a key or shape that does not fit raises.
+    """
+    from .architectures import create_model  # not at import: `import metaperturb_hf` stays light
+
+    name = re.sub(r"_\d+$", "", arch)
+    if name not in _OFFICIAL_CLASSIFIERS:
+        raise ValueError(f"No converter for the authors' {arch!r}; convertible: {', '.join(_OFFICIAL_CLASSIFIERS)}.")
+    rules = _OFFICIAL_CLASSIFIERS[name]
+    ours, unknown = {}, []
+    for key, value in state_dict.items():
+        if "perturb." in key:
+            continue
+        target = _our_key(key, rules)
+        if target is None:
+            unknown.append(key)
+        else:
+            ours[target] = value
+    if unknown:
+        raise ValueError(f"These keys are not part of the authors' {arch}: {sorted(unknown)[:8]}.")
+    first_conv = ours.get("stem.0.weight", ours.get("features.0.0.weight"))
+    head = ours.get("fc.weight", ours.get("classifier.weight"))
+    if first_conv is None or head is None:
+        raise ValueError(f"The state dict lacks the first convolution or the head of the authors' {arch}.")
+    if head.shape[0] != num_classes:
+        raise ValueError(f"The head has {head.shape[0]} outputs, not num_classes={num_classes}.")
+    kwargs, image_size = {}, 32
+    if name.startswith("conv"):
+        width = first_conv.shape[0]
+        final_size = math.isqrt(head.shape[1] // width)
+        kwargs, image_size = {"width": width, "conv_bias": True}, final_size * 2**4
+    model = create_model(name, num_classes, image_size=image_size, in_channels=first_conv.shape[1], **kwargs)
+    model.load_state_dict(ours, strict=True)
     return model
 
 

@@ -1,4 +1,4 @@
-"""Accuracy, calibration and adversarial robustness of (perturbed) image classifiers (DESIGN §5).
+"""Accuracy, calibration and adversarial robustness of (perturbed) image classifiers (docs/protocols.md).
 
 A `PerturbedModel` is stochastic: in "sample" noise mode every forward pass draws fresh noise, so its predictive
 distribution is the softmax averaged over K draws (the authors keep the noise on at test time, K = 100 for the
@@ -14,13 +14,12 @@ most `MAX_REPEATED_BATCH` images per forward pass.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classifier_io import MAX_REPEATED_BATCH, classifier_logits, input_name_for, repeat_chunks
+from .classifier_io import MAX_REPEATED_BATCH, classifier_logits, eval_mode, input_name_for, repeat_chunks
 from .data import ImageTensors, normalize
 from .injection import PerturbedModel
 
@@ -32,18 +31,6 @@ MIN_PROBABILITY = 1e-12
 
 # ---------------------------------------------------------------------------------------------
 # Calling a model
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, then every submodule's own train/eval flag back (they may differ)."""
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags.items():
-            module.training = training
 
 
 def _classifier(model: nn.Module) -> nn.Module:
@@ -96,7 +83,7 @@ def _predict(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int
     draws = _num_draws(model, num_samples)
     input_name = input_name_for(model, input_name)
     outputs = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for batch in batches:
             device = _model_device(model, batch.device)
             images = batch.to(device)
@@ -257,7 +244,7 @@ def pgd_attack(
     usual budget); they are divided by `std` (per channel when `std` is) to act on the normalised inputs, and
     every iterate stays in the valid normalised range [(0 − mean)/std, (1 − mean)/std]. `step_size` defaults to
     2.5·ε/steps. For a stochastic model every step follows the cross-entropy gradient averaged over
-    `eot_samples` noise draws (Expectation over Transformation, DESIGN §5); a deterministic model takes one.
+    `eot_samples` noise draws (Expectation over Transformation, docs/protocols.md); a deterministic model takes one.
     The model runs in eval mode and its flags are restored; returns the adversarial images, detached, on the
     device of `images_float`. `generator` (on the model's device) seeds the random start.
     """
@@ -281,7 +268,7 @@ def pgd_attack(
     eps, step = epsilon / std_tensor, step_size / std_tensor
 
     outputs = []
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         for images, batch_labels in zip(images_float.split(batch_size), labels.split(batch_size)):
             images, batch_labels = images.to(device), batch_labels.to(device).long()
             _check_labels(batch_labels, len(images), _num_classes(model, images[:1], input_name))

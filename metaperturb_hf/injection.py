@@ -1,6 +1,6 @@
 """Finding the sites of a classifier and plugging one shared perturbation function into them.
 
-A *site* is a tensor in the forward pass that the perturbation multiplies (DESIGN §3):
+A *site* is a tensor in the forward pass that the perturbation multiplies (docs/sites.md):
 
 - plain networks (conv → norm → activation, MLPs): the input of every activation;
 - residual networks: the tensor right after each block's residual addition (the input of the block's final
@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpointing import load_perturbation
-from .classifier_io import logits_of, repeat_chunks
+from .classifier_io import eval_mode, logits_of, repeat_chunks
 from .modeling_metaperturb import MetaPerturbModel
 
 # Modules treated as activations. transformers wraps its own (GELUActivation, ...) in `transformers.activations`.
@@ -83,7 +84,8 @@ class _Call:
 
 
 def _trace_calls(model: nn.Module, example_inputs, module_names: set[str]) -> list[_Call]:
-    """Run one forward pass and record, in order, every call of the named modules."""
+    """Run one forward pass in eval mode and record, in order, every call of the named modules; afterwards every
+    submodule has its own train/eval flag back (`classifier_io.eval_mode`)."""
     modules = dict(model.named_modules())
     calls: list[_Call] = []
     counts: dict[str, int] = {}
@@ -97,13 +99,10 @@ def _trace_calls(model: nn.Module, example_inputs, module_names: set[str]) -> li
         return hook
 
     handles = [modules[name].register_forward_hook(recorder(name)) for name in module_names]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             _call_model(model, example_inputs)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return calls
@@ -122,7 +121,7 @@ def _site_from_call(name: str, call: _Call, position: str) -> Site | None:
 
 
 def find_sites(model: nn.Module, example_inputs) -> list[Site]:
-    """All sites of `model` by the rules of DESIGN §3, in forward order."""
+    """All sites of `model` by the rules of docs/sites.md, in forward order."""
     modules = dict(model.named_modules())
     blocks = _residual_blocks(model)
     activations = {
@@ -627,13 +626,14 @@ def _unique_keys(names: list[str]) -> list[str]:
 
 
 def default_example_inputs(model: nn.Module, input_size: Sequence[int] | None = None) -> torch.Tensor:
-    """A batch of two random images for the probe pass; channels from a transformers config when there is one."""
+    """A batch of two random images for the probe pass, in the dtype and on the device of the model's weights (a
+    float64 or bfloat16 network refuses float32 inputs); channels from a transformers config when there is one."""
     if input_size is None:
         channels = getattr(getattr(model, "config", None), "num_channels", 3)
         input_size = (channels, 32, 32)
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else "cpu"
-    return torch.randn(2, *input_size, device=device)
+    weights = (tensor for tensor in chain(model.parameters(), model.buffers()) if tensor.is_floating_point())
+    reference = next(weights, torch.empty(0))
+    return torch.randn(2, *input_size, dtype=reference.dtype, device=reference.device)
 
 
 def resolve_sites(
@@ -684,8 +684,9 @@ def add_perturbation(
     Args:
         model: any classifier (reference network, `transformers` CNN, torchvision/timm ResNet, MLP).
         perturbation: the shared φ. It is frozen unless `trainable=True` (meta-training).
-        sites: `"auto"` (DESIGN §3 rules), a regex matched in full against site names (or, if none matches, module
-            names, whose outputs are then perturbed), a list of site or module names, or a list of `Site`s.
+        sites: `"auto"` (the rules of docs/sites.md), a regex matched in full against site names (or, if none
+            matches, module names, whose outputs are then perturbed), a list of site or module names, or a list of
+            `Site`s.
         select: among the chosen sites keep `"all"`, the `"bottom"`/`"top"` `num_sites`, or `"top_bottom"`.
         example_inputs: what to call the model with for the probe pass (a tensor, or a dict of keyword inputs);
             defaults to a random batch of `input_size` (C, H, W), 3×32×32 unless the model's config says otherwise.

@@ -1,4 +1,4 @@
-"""Meta-training φ over class-disjoint tasks with accelerate (DESIGN §4).
+"""Meta-training φ over class-disjoint tasks with accelerate (docs/protocols.md).
 
 Every task trains its own classifier (private to the process that holds it, never synchronised); φ is shared. One
 step: for each task, a θ step on a batch of its training half with the perturbation active, then the gradient of
@@ -41,7 +41,7 @@ META_TRAINING_FILE = "meta_training.json"
 
 @dataclass
 class MetaTrainingConfig:
-    """Hyper-parameters of meta-training; the defaults are the authors' (DESIGN §4)."""
+    """Hyper-parameters of meta-training; the defaults are the authors' (docs/protocols.md)."""
 
     architectures: list[str] = field(default_factory=lambda: ["resnet20"])
     steps: int = 750
@@ -58,6 +58,17 @@ class MetaTrainingConfig:
     output_dir: str = "metaperturb-output"
     mixed_precision: str = "no"
     source: str = ""
+    # φ's own optimisation, each an explicit departure from the authors' protocol when changed (their values are the
+    # defaults): its weight decay (None: `weight_decay`), applied as Adam's L2 term (the authors') or decoupled as
+    # in AdamW, and from which step on it applies (0: from the start).
+    phi_weight_decay: float | None = None
+    phi_weight_decay_mode: str = "l2"
+    phi_weight_decay_start: int = 0
+    # φ's initial value: N(0, phi_init_std) (None: the φ config's initializer_range, 0.01), averaged over
+    # `phi_init_average` independent draws. The authors' run averages the draws of its 10 processes (10), which
+    # shrinks the initial value by sqrt(10); 1 keeps one draw.
+    phi_init_std: float | None = None
+    phi_init_average: int = 1
     # Seconds a process waits at a collective (φ-gradient all-reduce, barriers) for the others before it stops with
     # an error; bounds the wait when another process dies or stalls. torch's default; it also covers the barrier
     # while the main process alone loads the dataset.
@@ -69,7 +80,15 @@ class MetaTrainingConfig:
         unknown = [name for name in self.architectures if name not in list_models()]
         if not self.architectures or unknown:
             raise ValueError(f"Unknown architecture(s) {unknown or self.architectures}; choose from {list_models()}.")
-        for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+        if self.phi_weight_decay_mode not in ("l2", "decoupled"):
+            raise ValueError(f"phi_weight_decay_mode must be 'l2' or 'decoupled', got {self.phi_weight_decay_mode!r}.")
+        if self.phi_weight_decay is not None and self.phi_weight_decay < 0:
+            raise ValueError(f"phi_weight_decay must be >= 0, got {self.phi_weight_decay}.")
+        if self.phi_weight_decay_start < 0:
+            raise ValueError(f"phi_weight_decay_start must be >= 0, got {self.phi_weight_decay_start}.")
+        if self.phi_init_std is not None and not self.phi_init_std > 0:
+            raise ValueError(f"phi_init_std must be positive, got {self.phi_init_std}.")
+        for name in ("steps", "batch_size", "log_every", "keep_checkpoints", "phi_init_average"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if not self.collective_timeout > 0:
@@ -101,6 +120,50 @@ def create_accelerator(config: MetaTrainingConfig) -> Accelerator:
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.collective_timeout))
     return Accelerator(mixed_precision=config.mixed_precision, log_with=trackers, project_dir=config.output_dir,
                        kwargs_handlers=[timeout])
+
+
+def initial_phi(config: MetaTrainingConfig, phi_config: MetaPerturbConfig | None = None) -> MetaPerturbModel:
+    """φ before meta-training, the same on every process: the mean of `phi_init_average` seeded N(0, std) draws."""
+    phi_config = phi_config or MetaPerturbConfig()
+    if config.phi_init_std is not None:
+        phi_config = MetaPerturbConfig(**{**phi_config.to_diff_dict(), "initializer_range": config.phi_init_std})
+    torch.manual_seed(config.seed)
+    draws = [MetaPerturbModel(phi_config) for _ in range(config.phi_init_average)]
+    phi = draws[0]
+    with torch.no_grad():
+        for parameter, *others in zip(phi.parameters(), *(draw.parameters() for draw in draws[1:])):
+            parameter.copy_(torch.stack([parameter, *others]).mean(0))
+    return phi
+
+
+def phi_optimizer(parameters: list[nn.Parameter], config: MetaTrainingConfig) -> torch.optim.Optimizer:
+    """Adam for φ with its weight decay as Adam's L2 term (the authors') or decoupled (AdamW), starting at zero when
+    `phi_weight_decay_start` > 0 (`MetaTrainer` raises it at that step)."""
+    decay = config.weight_decay if config.phi_weight_decay is None else config.phi_weight_decay
+    decay = 0.0 if config.phi_weight_decay_start else decay
+    optimizer = torch.optim.AdamW if config.phi_weight_decay_mode == "decoupled" else torch.optim.Adam
+    return optimizer(parameters, lr=config.learning_rate, weight_decay=decay)
+
+
+def phi_statistics(phi: MetaPerturbModel, grad: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean |parameter| of each of φ's groups (λ, γ per layer, K, w) and, with `grad` (flat, φ's order), the norm of
+    each group's gradient: whether the noise generator has left the origin, and what drives it."""
+    groups = {
+        "lambda1": phi.identity_kernels[0], "lambda2": phi.identity_kernels[1],
+        "gamma1": phi.mean_kernels[0], "gamma2": phi.mean_kernels[1],
+        "K": phi.stat_kernels, "w": phi.scale_weight,
+    }
+    stats = {f"phi/mean_abs_{name}": float(value.detach().abs().mean()) for name, value in groups.items()}
+    if grad is not None:
+        parts = dict(zip(("identity_kernels", "mean_kernels", "stat_kernels", "scale_weight"),
+                         grad.split([p.numel() for p in phi.parameters()])))
+        layers = {
+            "lambda1": parts["identity_kernels"][:9], "lambda2": parts["identity_kernels"][9:],
+            "gamma1": parts["mean_kernels"][:9], "gamma2": parts["mean_kernels"][9:],
+            "K": parts["stat_kernels"], "w": parts["scale_weight"],
+        }
+        stats.update({f"phi/grad_norm_{name}": float(value.norm()) for name, value in layers.items()})
+    return stats
 
 
 class TaskLearner:
@@ -181,10 +244,9 @@ class MetaTrainer:
         self.num_tasks = len(tasks)
         self.tasks = tasks
 
-        torch.manual_seed(config.seed)  # the same φ initialisation on every process
-        self.phi = MetaPerturbModel(phi_config or MetaPerturbConfig()).to(self.accelerator.device)
+        self.phi = initial_phi(config, phi_config).to(self.accelerator.device)
         self.phi_parameters = list(self.phi.parameters())
-        self.phi_optimizer = torch.optim.Adam(self.phi_parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.phi_optimizer = phi_optimizer(self.phi_parameters, config)
         local_tasks = tasks[self.accelerator.process_index :: world]
         self.learners = [
             TaskLearner(task, config.architectures[task.task_id % len(config.architectures)], self.phi, config,
@@ -249,9 +311,15 @@ class MetaTrainer:
             model.train()
         if not record:
             return phi_grads, {}
-        scale, noise = (torch.stack(values).float().mean() for values in zip(*self.phi.monitor))
+        site_scales, site_noises = (torch.stack(values).float() for values in zip(*self.phi.monitor))
+        scale, noise = site_scales.mean(), site_noises.mean()
         self.phi.monitor = None
+        # One monitor entry per φ call: the training pass's sites, then the validation pass's.
+        num_sites = len(model.sites)
+        per_site = {f"site{i}/mean_{name}": values[num_sites + i] for i in range(num_sites)
+                    for name, values in (("s", site_scales), ("z", site_noises)) if len(values) == 2 * num_sites}
         metrics = {
+            **per_site,
             "train_loss": train_loss.detach(),
             "train_accuracy": (train_logits.argmax(-1) == labels).float().mean(),
             "valid_loss": valid_loss.detach(),
@@ -297,9 +365,14 @@ class MetaTrainer:
         for parameter in self.phi_parameters:
             parameter.grad = mean_grad[offset : offset + parameter.numel()].view_as(parameter).clone()
             offset += parameter.numel()
+        if self.config.phi_weight_decay_start and self.step + 1 == self.config.phi_weight_decay_start:
+            decay = self.config.weight_decay if self.config.phi_weight_decay is None else self.config.phi_weight_decay
+            for group in self.phi_optimizer.param_groups:
+                group["weight_decay"] = decay
         self.phi_optimizer.step()
         self._stop_requested = bool(flat[-1] > 0)
         metrics["phi_grad_norm"] = mean_grad.norm()
+        metrics["phi_grad"] = mean_grad
         return metrics
 
     # ----------------------------------------------------------------------------------------------- the loop
@@ -342,7 +415,8 @@ class MetaTrainer:
         self._stop_requested = True
 
     def _log(self, metrics: dict, progress) -> None:
-        local = {task_id: {k: float(v) for k, v in values.items()} for task_id, values in metrics.items() if task_id != "phi_grad_norm"}
+        local = {task_id: {k: float(v) for k, v in values.items()} for task_id, values in metrics.items()
+                 if task_id not in ("phi_grad_norm", "phi_grad")}
         per_task = {}
         if self.accelerator.num_processes > 1:
             with self._collective("the gathering of the logged metrics"):
@@ -351,11 +425,17 @@ class MetaTrainer:
             parts = [local]
         for part in parts:
             per_task.update(part)
-        summary = {name: sum(m[name] for m in per_task.values()) / len(per_task) for name in next(iter(per_task.values()))}
+        names = dict.fromkeys(name for task_metrics in per_task.values() for name in task_metrics)
+        summary = {}
+        for name in names:  # per-site entries exist only for tasks whose network has that site
+            task_values = [m[name] for m in per_task.values() if name in m]
+            summary[name] = sum(task_values) / len(task_values)
         summary["phi_grad_norm"] = float(metrics["phi_grad_norm"])
+        summary.update(phi_statistics(self.phi, metrics["phi_grad"]))
         values = dict(summary)
         for task_id, task_metrics in sorted(per_task.items()):
-            values.update({f"task{task_id}/{name}": value for name, value in task_metrics.items()})
+            values.update({f"task{task_id}/{name}": value for name, value in task_metrics.items()
+                           if not name.startswith("site")})
         self.accelerator.log(values, step=self.step)
         self._last_metrics = summary
         progress.set_postfix(valid_loss=f"{summary['valid_loss']:.3f}", valid_acc=f"{summary['valid_accuracy']:.3f}")
@@ -493,6 +573,11 @@ class MetaTrainer:
             "batch_size": self.config.batch_size,
             "learning_rate": self.config.learning_rate,
             "weight_decay": self.config.weight_decay,
+            "phi_weight_decay": self.config.phi_weight_decay,
+            "phi_weight_decay_mode": self.config.phi_weight_decay_mode,
+            "phi_weight_decay_start": self.config.phi_weight_decay_start,
+            "phi_init_std": self.config.phi_init_std,
+            "phi_init_average": self.config.phi_init_average,
             "image_size": self.config.image_size,
             "lookahead": self.config.lookahead,
             "seed": self.config.seed,

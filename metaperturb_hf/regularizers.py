@@ -1,7 +1,7 @@
 """The paper's baseline regularizers, attached at the same sites as MetaPerturb so the comparison is fair.
 
 Each baseline wraps a classifier exactly like `PerturbedModel` does (forward hooks at the sites that
-`injection.find_sites` returns, DESIGN §3), so one transfer loop trains all of them:
+`injection.find_sites` returns, docs/sites.md), so one transfer loop trains all of them:
 
     reg = add_regularizer(model, "dropblock")
     optimizer = torch.optim.Adam([*model.parameters(), *reg.regularizer_parameters()], lr=1e-3)

@@ -1,4 +1,4 @@
-"""Class-disjoint meta-training tasks (DESIGN §4).
+"""Class-disjoint meta-training tasks (docs/protocols.md).
 
 The source classes are split into groups; each group's images are halved, per class, into A and B;
 a group gives the task "train on A, validate on B" and, swapped, "train on B, validate on A". Both

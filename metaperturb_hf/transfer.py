@@ -1,6 +1,6 @@
-"""Training a target classifier with a frozen φ (DESIGN §5): our own loop, and a `transformers.Trainer` callback.
+"""Training a target classifier with a frozen φ: our own loop, and a `transformers.Trainer` callback.
 
-Protocol: Adam (lr 1e-3, weight decay 5e-4), learning rate × 0.3 at 40 %, 70 % and 90 % of the steps, noise
+Protocol (docs/protocols.md): Adam (lr 1e-3, weight decay 5e-4), learning rate × 0.3 at 40 %, 70 % and 90 % of the steps, noise
 coefficient κ growing linearly from 0 to 1 over the first 40 % of the steps, augmentation as in meta-training.
 The same loop trains the baselines: anything with a `training_loss(images, labels)` (the regularizers) or a plain
 classifier (cross-entropy on its logits).

@@ -1,7 +1,8 @@
 """A loopback Hugging Face Hub emulator for tests (standard library only) and the `hub` pytest fixture.
 
 It implements the HTTP subset that `huggingface_hub` 2.x and `transformers` 5.x use to push and load model repos
-(see /work/shared/notes/hf-ecosystem.md §2):
+(as the client sends it: `huggingface_hub/hf_api.py`, `_commit_api.py`, `file_download.py`, `lfs.py`, and
+`utils/_http.py` for the `X-Error-Code` header that types errors):
 
 - `POST /api/repos/create`, `DELETE /api/repos/delete`, `GET /api/whoami-v2`, `POST /api/validate-yaml`
 - `GET  /api/{models,datasets,spaces}/<repo>[/revision/<rev>]`         repo info (`sha`, `siblings`)

@@ -170,15 +170,17 @@ def _bn(c):
     return 2 * c
 
 
-def test_resnet20_parameter_count_is_exact():
+@pytest.mark.parametrize(("shortcut", "expected"), [("A", 269_722), ("B", 272_474)])
+def test_resnet20_parameter_count_is_exact(shortcut, expected):
     def block(c_in, c_out):
-        projection = _conv(c_in, c_out, 1) + _bn(c_out) if c_in != c_out else 0
+        projection = _conv(c_in, c_out, 1) + _bn(c_out) if c_in != c_out and shortcut == "B" else 0
         return _conv(c_in, c_out, 3) + _bn(c_out) + _conv(c_out, c_out, 3) + _bn(c_out) + projection
 
     stem = _conv(3, 16, 3) + _bn(16)
     stages = sum(block(c_in, c_out) + 2 * block(c_out, c_out) for c_in, c_out in [(16, 16), (16, 32), (32, 64)])
     fc = 64 * 10 + 10
-    assert _num_params(create_model("resnet20", num_classes=10)) == stem + stages + fc == 272_474
+    model = create_model("resnet20", num_classes=10, shortcut=shortcut)
+    assert _num_params(model) == stem + stages + fc == expected
 
 
 def test_conv4_and_mlp_parameter_counts_are_exact():

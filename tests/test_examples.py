@@ -120,3 +120,33 @@ def test_finetune_starts_from_a_saved_source_network(target, tmp_path):
     benchmark.main([*args, "--source-networks", f"conv4={source}"])
     assert started_from == [str(source)] and not source.with_name("source.pt.partial").exists()
     assert json.loads((tmp_path / "ft.jsonl").read_text())["method"] == "finetune"
+
+
+def test_selection_keeps_the_best_candidate_scored_on_held_out_classes(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    image_dataset(num_classes=8, per_class=20, size=16, seed=3).to_parquet(str(source / "train.parquet"))
+    image_dataset(num_classes=8, per_class=4, size=16, seed=4).to_parquet(str(source / "test.parquet"))
+    output = tmp_path / "selection"
+    args = ["--dataset", str(source), "--architectures", "conv4", "--image_size", "16", "--batch_size", "8",
+            "--steps", "2", "--checkpoint_every", "0", "--seeds", "0,1", "--num_groups", "2", "--holdout_classes", "2",
+            "--score_steps", "2", "--score_train_per_class", "5", "--score_mc_samples", "2", "--output_dir", str(output)]
+    load_script("select_perturbation").main(args)
+
+    records = {name: json.loads((output / name / "meta_training.json").read_text()) for name in ("seed-0", "seed-1")}
+    selections = [record["selection"] for record in records.values()]
+    held_out = selections[0]["held_out_classes"]
+    assert len(held_out) == 2 and all(s["held_out_classes"] == held_out for s in selections)
+    for record in records.values():  # the held-out classes never reach meta-training
+        assert not {c for task in record["tasks"] for c in task["classes"]} & set(held_out)
+    winner = selections[0]["winner"]
+    assert selections[0]["scores"][winner] == max(selections[0]["scores"].values())
+    assert [name for name, record in records.items() if record["selection"]["selected"]] == [winner]
+    best = MetaPerturbModel.from_pretrained(output / "best")
+    chosen = MetaPerturbModel.from_pretrained(output / winner)
+    assert all(a.equal(b) for a, b in zip(best.parameters(), chosen.parameters()))
+
+    weights = output / "seed-0" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    load_script("select_perturbation").main(args)  # finished candidates are kept, not trained again
+    assert weights.stat().st_mtime_ns == written

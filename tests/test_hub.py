@@ -489,3 +489,28 @@ def test_emulator_speaks_the_client_protocol(hub):
         "RepositoryNotFoundError", "RevisionNotFoundError", "RemoteEntryNotFoundError")
     assert not hub.server.unhandled
     assert all(r.headers.get("authorization") == "Bearer hf_dummy" for r in hub.server.requests)
+
+
+_TRUNCATED = r'''
+import sys
+from pathlib import Path
+from huggingface_hub import HfApi
+from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel
+folder, repo = Path(sys.argv[1]), sys.argv[2]
+MetaPerturbModel(MetaPerturbConfig()).save_pretrained(folder)
+weights = folder / "model.safetensors"
+weights.write_bytes(weights.read_bytes()[:100])
+HfApi().create_repo(repo)
+HfApi().upload_folder(repo_id=repo, folder_path=folder)
+try:
+    MetaPerturbModel.from_pretrained(repo)
+except OSError as error:
+    print(error)
+'''
+
+
+def test_a_truncated_weights_file_of_a_hub_repo_is_named_with_the_repo(hub, tmp_path):
+    repo = "testuser/phi-truncated"
+    proc = hub.run_python(_TRUNCATED, tmp_path / "phi", repo, cwd=tmp_path, env=_env_with_package(hub))
+    assert proc.stdout.startswith(f"Cannot read model.safetensors of the hub repo {repo} ("), proc.stdout + proc.stderr
+    assert "force_download=True" in proc.stdout

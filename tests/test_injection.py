@@ -326,3 +326,25 @@ def test_predict_proba_stacks_the_draws_of_keyword_inputs(perturbation, monkeypa
     assert passes == [6, 6, 6, 3]
     with torch.no_grad():
         torch.testing.assert_close(probs, perturbed(pixel_values=x).logits.softmax(-1))
+
+
+def test_finding_sites_gives_every_module_its_own_train_eval_flag_back(perturbation):
+    """The probe pass runs in eval mode; a BatchNorm the user froze in eval mode stays so, and the rest trains."""
+    model = create_model("resnet20", num_classes=10).train()
+    frozen = model.layer2[0].bn1.eval()
+    add_perturbation(model, perturbation)
+    assert not frozen.training
+    assert all(module.training for module in model.modules() if module is not frozen)
+    evaluated = create_model("conv4", num_classes=5).eval()
+    evaluated.features[1][1].train()
+    add_perturbation(evaluated, perturbation)
+    assert [m for m in evaluated.modules() if m.training] == [evaluated.features[1][1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_probe_pass_runs_in_the_dtype_of_the_network(perturbation, dtype):
+    model = create_model("resnet20", num_classes=10).to(dtype)
+    perturbed = add_perturbation(model, perturbation).to(dtype)  # no example_inputs: the default probe batch
+    assert len(perturbed.sites) == 9
+    output = perturbed.train()(torch.randn(4, 3, 32, 32, dtype=dtype))
+    assert output.dtype == dtype and torch.isfinite(output).all()

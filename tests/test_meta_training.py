@@ -15,7 +15,7 @@ from conftest_data import image_dataset
 from safetensors.torch import load_file
 
 from metaperturb_hf.data import ImageTensors
-from metaperturb_hf.meta_training import MetaTrainer, MetaTrainingConfig
+from metaperturb_hf.meta_training import MetaTrainer, MetaTrainingConfig, initial_phi
 from metaperturb_hf.tasks import build_tasks
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "meta_train.py"
@@ -200,3 +200,45 @@ def test_bf16_mixed_precision_trains_phi(tmp_path, fresh_accelerator_state):
     t.train()
     assert t.phi.scale_weight.dtype == torch.float32  # φ and its optimizer stay in full precision
     assert torch.isfinite(t.phi.scale_weight).all() and not torch.equal(before, t.phi.scale_weight)
+
+
+def test_logs_phi_magnitudes_gradients_and_per_site_noise(tmp_path):
+    t = trainer(tmp_path, steps=2)
+    t.train()
+    line = json.loads((tmp_path / "out" / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
+    for group in ("lambda1", "lambda2", "gamma1", "gamma2", "K", "w"):
+        assert line[f"phi/mean_abs_{group}"] > 0 and line[f"phi/grad_norm_{group}"] >= 0
+    assert line["phi/mean_abs_K"] == pytest.approx(float(t.phi.stat_kernels.detach().abs().mean()))
+    per_site = [line[f"site{i}/mean_z"] for i in range(4)]  # conv4: four sites
+    assert all(z > 0 for z in per_site) and "site4/mean_z" not in line
+    assert "task0/site0/mean_z" not in line  # per-site values are logged across tasks only
+
+
+def test_phi_initial_value_averaged_over_draws_shrinks_by_its_square_root():
+    one = initial_phi(MetaTrainingConfig(architectures=["conv4"], phi_init_std=0.1))
+    averaged = initial_phi(MetaTrainingConfig(architectures=["conv4"], phi_init_std=0.1, phi_init_average=16))
+    std_one = torch.cat([p.flatten() for p in one.parameters()]).std()
+    std_averaged = torch.cat([p.flatten() for p in averaged.parameters()]).std()
+    assert 0.07 < std_one < 0.13
+    assert 2.5 < std_one / std_averaged < 6  # sqrt(16) = 4 up to sampling noise over 82 numbers
+
+
+@pytest.mark.parametrize(("mode", "optimizer"), [("l2", torch.optim.Adam), ("decoupled", torch.optim.AdamW)])
+def test_phi_weight_decay_options(tmp_path, mode, optimizer):
+    t = trainer(tmp_path, steps=3, phi_weight_decay=0.01, phi_weight_decay_mode=mode, phi_weight_decay_start=2)
+    assert type(t.phi_optimizer) is optimizer
+    assert t.phi_optimizer.param_groups[0]["weight_decay"] == 0.0
+    seen = []
+    original = t.phi_optimizer.step
+    t.phi_optimizer.step = lambda: seen.append(t.phi_optimizer.param_groups[0]["weight_decay"]) or original()
+    t.train()
+    assert seen == [0.0, 0.01, 0.01]
+    record = json.loads((tmp_path / "out" / "meta_training.json").read_text())
+    assert record["phi_weight_decay_mode"] == mode and record["phi_weight_decay_start"] == 2
+
+
+def test_phi_options_are_validated():
+    with pytest.raises(ValueError, match="phi_weight_decay_mode"):
+        MetaTrainingConfig(architectures=["conv4"], phi_weight_decay_mode="adamw")
+    with pytest.raises(ValueError, match="phi_init_average"):
+        MetaTrainingConfig(architectures=["conv4"], phi_init_average=0)

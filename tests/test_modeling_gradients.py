@@ -9,7 +9,7 @@ from metaperturb_hf.modeling_metaperturb import _gauss_hermite_standard_normal
 
 
 def plain_phi(phi, h, mean, var, channel_norm, spatial_norm, kappa, eps, clip, expected_noise):
-    """DESIGN §2 line by line, differentiated by autograd: the oracle."""
+    """docs/method.md line by line, differentiated by autograd: the oracle."""
     batch, channels, height, width = h.shape
 
     def per_channel(x, k):

@@ -7,8 +7,11 @@ cannot be noticed (the format has no checksum) unless it makes a NaN/Inf.
 """
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,8 +71,34 @@ def test_a_truncated_weights_file_is_refused_by_every_loader(saved_phi, tmp_path
     content = weights.read_bytes()
     weights.write_bytes(content[: data.draw(st.integers(0, len(content) - 1), label="kept bytes")])
     for loader in (load_perturbation, MetaPerturbModel.from_pretrained, AutoModel.from_pretrained):
-        with pytest.raises(Exception, match="deserializ|header|incomplete|too small"):
+        with pytest.raises(OSError, match=TRUNCATED_MESSAGE.format(re.escape(str(weights)))):
             loader(folder)
+
+
+# The file, safetensors' reason, and what to do.
+TRUNCATED_MESSAGE = (r"Cannot read {} \(.*(deserializ|header|incomplete|too small).*\): the file is truncated or "
+                     r"damaged.*save_pretrained.*force_download=True")
+REMOTE_CODE_LOAD = """
+import sys
+sys.modules["metaperturb_hf"] = None  # the package cannot be imported here
+from transformers import AutoModel
+try:
+    AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True)
+except Exception as error:
+    print(type(error).__name__, error)
+"""
+
+
+def test_a_truncated_weights_file_is_named_with_the_code_a_saved_folder_carries(saved_phi, tmp_path):
+    """trust_remote_code without the package: the message comes from the modeling file saved beside the weights."""
+    folder = copy_of(saved_phi, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", REMOTE_CODE_LOAD, str(folder)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert re.match("OSError " + TRUNCATED_MESSAGE.format(re.escape(str(weights))), result.stdout), (
+        result.stdout + result.stderr)
 
 
 @SETTINGS

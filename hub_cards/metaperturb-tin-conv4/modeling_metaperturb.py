@@ -362,10 +362,25 @@ class MetaPerturbModel(PreTrainedModel):
         """As `PreTrainedModel.from_pretrained`, but a file whose weights do not match φ exactly is refused.
 
         transformers would fill a missing or misnamed weight at random and only print a report: a φ that silently
-        is not the one saved.
+        is not the one saved. A weights file that safetensors cannot read (truncated, damaged) is named in the error;
+        safetensors' own message names no file.
         """
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        import os
+
+        from safetensors import SafetensorError  # a dependency of transformers: a hub copy of this file has it too
+
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:
+            folder = os.path.join(str(source), kwargs.get("subfolder") or "")
+            weights = os.path.join(folder, "model.safetensors") if os.path.isdir(folder) else (
+                f"model.safetensors of the hub repo {source}")
+            raise OSError(
+                f"Cannot read {weights} ({error}): the file is truncated or damaged, most often by an interrupted "
+                "copy, save or download. Write it again with save_pretrained, copy it again, or for a hub repo "
+                "download it again with from_pretrained(..., force_download=True)."
+            ) from error
         problems = {key: sorted(map(str, info.get(key) or ())) for key in ("missing_keys", "unexpected_keys",
                                                                          "mismatched_keys")}
         if any(problems.values()) or info.get("error_msgs"):

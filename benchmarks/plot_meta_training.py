@@ -1,0 +1,86 @@
+"""Plot meta-training runs from their `logs/metrics.jsonl`: losses, φ's parameter magnitudes, per-site noise and
+scale, and φ's gradient norm per group, one column per run, so whether (and when) the noise generator leaves the
+origin is visible at a glance.
+
+    python benchmarks/plot_meta_training.py RUN_DIR [RUN_DIR ...] --labels a,b --output curves.png
+
+RUN_DIR is a meta-training output folder (with logs/metrics.jsonl) or a metrics .jsonl file itself.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PHI_GROUPS = ("lambda1", "lambda2", "gamma1", "gamma2", "K", "w")
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    path = Path(run)
+    if path.is_dir():
+        path = path / "logs" / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"No metrics at {path}: pass a meta-training output folder or its metrics .jsonl.")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(row["step"], row[key]) for row in rows if key in row]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def plot_runs(runs: dict[str, list[dict]], output: Path) -> None:
+    panels = ("loss", "phi magnitude", "per-site mean z", "per-site mean s", "phi gradient norm")
+    figure, axes = plt.subplots(len(panels), len(runs), figsize=(4.5 * len(runs), 2.6 * len(panels)), squeeze=False,
+                                sharex="col")
+    for column, (label, rows) in enumerate(runs.items()):
+        loss, magnitude, noise, scale, grad = axes[:, column]
+        for key in ("train_loss", "valid_loss"):
+            loss.plot(*_series(rows, key), label=key)
+        for group in PHI_GROUPS:
+            magnitude.plot(*_series(rows, f"phi/mean_abs_{group}"), label=group)
+            grad.plot(*_series(rows, f"phi/grad_norm_{group}"), label=group)
+        sites = sorted({key.split("/")[0] for row in rows for key in row if key.startswith("site")},
+                       key=lambda name: int(name[4:]))
+        noise.plot(*_series(rows, "mean_z"), color="black", linewidth=2, label="all sites")
+        scale.plot(*_series(rows, "mean_s"), color="black", linewidth=2, label="all sites")
+        for site in sites:
+            noise.plot(*_series(rows, f"{site}/mean_z"), label=site)
+            scale.plot(*_series(rows, f"{site}/mean_s"), label=site)
+        noise.axhline(0.8060, color="grey", linestyle=":", linewidth=1)  # E[softplus(ε)]: μ = 0, no input dependence
+        if any(key.startswith("phi/") for row in rows for key in row):  # older logs have no φ statistics
+            magnitude.set_yscale("log")
+            grad.set_yscale("log")
+        loss.set_title(label)
+        axes[-1, column].set_xlabel("meta-training step")
+        for axis, name in zip(axes[:, column], panels):
+            axis.set_ylabel(name)
+            axis.grid(alpha=0.3)
+        for axis in (loss, magnitude, grad):
+            axis.legend(fontsize=6, ncol=2)
+        for axis in (noise, scale):
+            axis.legend(fontsize=6, ncol=3)
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
+    print(f"Wrote {output}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="meta-training output folders or metrics .jsonl files")
+    parser.add_argument("--labels", help="comma-separated column titles (default: the folder names)")
+    parser.add_argument("--output", type=Path, default=Path("meta_training_curves.png"))
+    args = parser.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [Path(run).name for run in args.runs]
+    if len(labels) != len(args.runs):
+        parser.error(f"{len(labels)} labels for {len(args.runs)} runs")
+    plot_runs({label: read_metrics(run) for label, run in zip(labels, args.runs)}, args.output)
+
+
+if __name__ == "__main__":
+    main()
