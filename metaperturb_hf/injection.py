@@ -454,16 +454,14 @@ class PerturbedModel(SiteWrapper):
             )
         store = SinglePassStatistics(norms, self.noise_coeff)
         store.to(norms[0][1].running_mean.device)
-        flags = {module: module.training for module in self.modules()}
         momenta = [norm.momentum for _, norm in norms]
         mode, used = self.noise_mode, 0
         try:
-            self.eval()
-            self.noise_mode = "mean"
-            for _, norm in norms:
-                norm.train()
-                norm.momentum = None  # cumulative average over the calibration batches
-            with self._norm_statistics(store):
+            with eval_mode(self), self._norm_statistics(store):
+                self.noise_mode = "mean"
+                for _, norm in norms:
+                    norm.train()
+                    norm.momentum = None  # cumulative average over the calibration batches
                 for batch in batches:
                     if num_batches is not None and used >= num_batches:
                         break
@@ -474,8 +472,6 @@ class PerturbedModel(SiteWrapper):
             self.noise_mode = mode
             for (_, norm), momentum in zip(norms, momenta):
                 norm.momentum = momentum
-            for module, training in flags.items():
-                module.training = training
         if used == 0:
             raise ValueError("calibrate_single_pass got no batches: the data loader or iterable is empty.")
         self.single_pass_statistics = store
