@@ -3,7 +3,9 @@
 Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per measurement:
   (a) frozen φ: one transfer-training step with φ at every site / one plain step;
   (b) trainable φ: one meta-training step (θ step on a train batch, φ-gradient on a validation batch) / two plain steps;
-  (c) evaluation: single pass ("mean" mode) and MC with K = 1, 5, 100 / one plain forward;
+  (c) evaluation: single pass ("mean" mode; also after `calibrate_single_pass`, and calibrated at κ = 0, which
+      skips φ), three of φ's parts in that pass over all sites, and MC with K = 1, 5, 100 (`--mc-samples`) / one
+      plain forward;
   (d) memory of a training step with / without the perturbation (CUDA: the allocator's peak; CPU: the storages
       autograd saves for backward, counted once each);
   (a', d') (a) and (d) with φ's activation checkpointing on (it saves only its input and recomputes the rest);
@@ -17,7 +19,8 @@ On the CPU (a)–(d) time φ's eager path and its fused kernel (`metaperturb_hf.
 `fused_vs_eager`) in the same rounds; the targets belong to the fused path. The variants of one measurement are timed
 in turn, round after round, `--repeats` rounds after warm-up; ratios are of medians from the same rounds.
 
-    python benchmarks/overhead.py [--device cuda] [--output benchmarks/results/overhead.jsonl] [--mc 1,5,100]
+    python benchmarks/overhead.py [--device cuda] [--output benchmarks/results/overhead.jsonl] [--measures eval]
+        [--mc-samples 1,5,100]
 """
 
 import argparse
@@ -34,7 +37,8 @@ from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.evaluation import predict_proba
 from metaperturb_hf.kernels import availability
-from metaperturb_hf.modeling_metaperturb import _noise_seed, _sample_noise, _stencil
+from metaperturb_hf.modeling_metaperturb import (_expected_noise_and_slope, _noise_generator, _noise_seed,
+                                                 _pooled_responses, _sample_noise, _stencil)
 
 BATCH, SIZE, CLASSES = 128, 32, 40
 # Issue 14's targets for the fused path on a 2-core CPU, as (arch, measure) -> largest acceptable ratio.
@@ -43,6 +47,8 @@ TARGETS = {
     ("resnet20", "meta_train_step_vs_two_plain_fused"): 1.5, ("conv4", "meta_train_step_vs_two_plain_fused"): 2.2,
     ("resnet20", "saved_activations_train_step_fused"): 1.3, ("conv4", "saved_activations_train_step_fused"): 1.5,
     ("resnet20", "eval_mc1_fused"): 1.5, ("conv4", "eval_mc1_fused"): 2.0,  # a single noisy pass
+    # Issue 13: the calibrated single pass at most 1.5× a plain forward (it runs eager: the kernel has no expected noise).
+    ("resnet20", "eval_single_pass_calibrated"): 1.5, ("conv4", "eval_single_pass_calibrated"): 1.5,
 }
 # Floating-point operations per feature element of the fused kernel's frozen training step, read off its loops
 # (a 3×3 stencil: 9 multiplies + 8 adds = 17; exp, log1p and a comparison count 1 each; the noise's integer
@@ -193,10 +199,28 @@ class Setup:
         maps = self.site_maps()
         return lambda: [features.neg() for features in maps]
 
+    def single_pass_parts(self) -> dict:
+        """The single pass's parts of φ at every site's shape: μ, the 8-node E[softplus(μ + ε)], and the pooled
+        statistics responses, which evaluation computes but does not use (it takes the running statistics)."""
+        maps, phi = self.site_maps(), self.phi
+        nodes = phi.expected_noise_nodes
+        return {
+            "noise_generator": lambda: [_noise_generator(h, h.mean(dim=1, keepdim=True), phi.identity_kernels,
+                                                         phi.mean_kernels) for h in maps],
+            "expected_noise": lambda: [_expected_noise_and_slope(h, nodes, False) for h in maps],
+            "pooled_responses": lambda: [_pooled_responses(h, phi.stat_kernels, torch.float32) for h in maps],
+        }
+
     @torch.no_grad()
     def plain_eval(self):
         self.plain.eval()
         self.plain(self.x)
+
+    def calibrated(self, noise_coeff: float = 1.0):
+        """The perturbed network with its single pass calibrated at κ (its own BatchNorm statistics swapped in)."""
+        self.perturbed.set_noise_coeff(noise_coeff)
+        self.perturbed.calibrate_single_pass([self.x])
+        return self
 
     def perturbed_eval(self, mode: str, samples: int):
         def run():
@@ -277,9 +301,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--archs", default="resnet20,conv4")
     parser.add_argument("--output", help="append the JSON lines to this file too")
+    parser.add_argument("--measures", default="train,meta,eval,memory",
+                        help="which groups to run: train (a, a', e), meta (b), eval (c), memory (d, d')")
     parser.add_argument("--memory-format", choices=["channels_last", "contiguous_format"], default="channels_last",
                         help="layout of both networks (the reference networks train in channels-last)")
-    parser.add_argument("--mc", default="1,5,100", help="the MC sample counts of the evaluation measures")
+    parser.add_argument("--mc-samples", default="1,5,100", help="the K of the MC evaluations (eval)")
     args = parser.parse_args()
     device = torch.device(args.device)
     memory_format = getattr(torch, args.memory_format)
@@ -298,6 +324,7 @@ def main():
             with open(args.output, "a") as f:
                 f.write(line + "\n")
 
+    measures = set(args.measures.split(","))
     # The fused kernel where it runs (CPU, built, self-checked); elsewhere only the eager path is timed.
     fused = device.type == "cpu" and availability() is None
     kernels = ["eager", "cpu"] if fused else ["eager"]
@@ -315,53 +342,64 @@ def main():
     for arch in args.archs.split(","):
         frozen = {kernel: Setup(arch, device, trainable=False, memory_format=memory_format, kernel=kernel)
                   for kernel in kernels}
-        checkpointed = Setup(arch, device, trainable=False, memory_format=memory_format, checkpointing=True)
         eager = frozen["eager"]
-        plain, *with_phi, with_checkpointed_phi, floor_ops, one_pass = interleaved(
-            [eager.plain_step, *(setup.frozen_step for setup in frozen.values()), checkpointed.frozen_step,
-             eager.eager_floor_ops(), eager.elementwise_pass_ops()], device, args.repeats)
-        emit_pair(arch, "frozen_train_step", plain, with_phi)
-        emit({"arch": arch, "measure": "frozen_train_step_checkpointed", "plain_s": plain,
-              "perturbed_s": with_checkpointed_phi, "ratio": with_checkpointed_phi / plain})
-        emit({"arch": arch, "measure": "frozen_train_step_eager_floor", "plain_s": plain, "floor_ops_s": floor_ops,
-              "ratio": (plain + floor_ops) / plain, "stencils_per_site": FLOOR_STENCILS_PER_SITE})
-        emit({"arch": arch, "measure": "elementwise_pass_over_all_sites", "plain_s": plain, "pass_s": one_pass,
-              "ratio": one_pass / plain, "full_size_kernels_per_site": eager.full_size_kernels_per_site()})
-        if fused:
-            phi_sites, elements = eager.fused_phi_sites()
-            phi_s, plain_again = interleaved([phi_sites, eager.plain_step], device, args.repeats)
-            phi_rate, conv_rate = PHI_FLOPS_PER_ELEMENT * elements / phi_s, convolution_rate(device, args.repeats)
-            emit({"arch": arch, "measure": "phi_arithmetic_rate_fused", "phi_s": phi_s, "plain_s": plain_again,
-                  "phi_share_of_plain_step": phi_s / plain_again, "phi_flops_per_element": PHI_FLOPS_PER_ELEMENT,
-                  "phi_gflops_per_s": phi_rate / 1e9, "conv_gflops_per_s": conv_rate / 1e9,
-                  "ratio": phi_rate / conv_rate})
-        meta = {kernel: Setup(arch, device, trainable=True, memory_format=memory_format, kernel=kernel)
-                for kernel in kernels}
-        two_plain, *meta_s = interleaved([meta["eager"].two_plain_steps, *(m.meta_step for m in meta.values())],
-                                         device, args.repeats)
-        emit_pair(arch, "meta_train_step_vs_two_plain", two_plain, meta_s)
-        for mode, samples in [("mean", 1)] + [("sample", int(k)) for k in args.mc.split(",")]:
-            repeats = max(3, args.repeats // 3) if samples >= 100 else args.repeats
-            # the single pass ("mean", the expected noise) always runs eager: the kernel does not implement it
-            paths = ["eager"] if mode == "mean" else kernels
-            plain, *perturbed = interleaved([eager.plain_eval, *(frozen[k].perturbed_eval(mode, samples)
-                                                                  for k in paths)], device, repeats)
-            name = f"eval_{'single_pass' if mode == 'mean' else f'mc{samples}'}"
-            for kernel, seconds in zip(paths, perturbed):
-                record = {"arch": arch, "measure": name + suffix[kernel], "plain_s": plain, "perturbed_s": seconds,
-                          "ratio": seconds / plain}
-                if kernel == "cpu":
-                    record["fused_vs_eager"] = seconds / perturbed[0]
-                emit(record)
-        memory = "peak_memory_train_step" if device.type == "cuda" else "saved_activations_train_step"
-        plain_mib = peak_memory_mib(arch, "plain", device, memory_format)
-        variants = [("perturbed", "", "eager"), ("checkpointed", "_checkpointed", "eager")]
-        variants += [("perturbed", "_fused", "cpu")] if fused else []
-        for variant, name_suffix, kernel in variants:
-            perturbed_mib = peak_memory_mib(arch, variant, device, memory_format, kernel)
-            emit({"arch": arch, "measure": memory + name_suffix, "plain_mib": plain_mib, "perturbed_mib": perturbed_mib,
-                  "ratio": perturbed_mib / plain_mib if plain_mib else None})
-
+        if "train" in measures:
+            checkpointed = Setup(arch, device, trainable=False, memory_format=memory_format, checkpointing=True)
+            plain, *with_phi, with_checkpointed_phi, floor_ops, one_pass = interleaved(
+                [eager.plain_step, *(setup.frozen_step for setup in frozen.values()), checkpointed.frozen_step,
+                 eager.eager_floor_ops(), eager.elementwise_pass_ops()], device, args.repeats)
+            emit_pair(arch, "frozen_train_step", plain, with_phi)
+            emit({"arch": arch, "measure": "frozen_train_step_checkpointed", "plain_s": plain,
+                  "perturbed_s": with_checkpointed_phi, "ratio": with_checkpointed_phi / plain})
+            emit({"arch": arch, "measure": "frozen_train_step_eager_floor", "plain_s": plain, "floor_ops_s": floor_ops,
+                  "ratio": (plain + floor_ops) / plain, "stencils_per_site": FLOOR_STENCILS_PER_SITE})
+            emit({"arch": arch, "measure": "elementwise_pass_over_all_sites", "plain_s": plain, "pass_s": one_pass,
+                  "ratio": one_pass / plain, "full_size_kernels_per_site": eager.full_size_kernels_per_site()})
+            if fused:
+                phi_sites, elements = eager.fused_phi_sites()
+                phi_s, plain_again = interleaved([phi_sites, eager.plain_step], device, args.repeats)
+                phi_rate, conv_rate = PHI_FLOPS_PER_ELEMENT * elements / phi_s, convolution_rate(device, args.repeats)
+                emit({"arch": arch, "measure": "phi_arithmetic_rate_fused", "phi_s": phi_s, "plain_s": plain_again,
+                      "phi_share_of_plain_step": phi_s / plain_again, "phi_flops_per_element": PHI_FLOPS_PER_ELEMENT,
+                      "phi_gflops_per_s": phi_rate / 1e9, "conv_gflops_per_s": conv_rate / 1e9,
+                      "ratio": phi_rate / conv_rate})
+        if "meta" in measures:
+            meta = {kernel: Setup(arch, device, trainable=True, memory_format=memory_format, kernel=kernel)
+                    for kernel in kernels}
+            two_plain, *meta_s = interleaved([meta["eager"].two_plain_steps, *(m.meta_step for m in meta.values())],
+                                             device, args.repeats)
+            emit_pair(arch, "meta_train_step_vs_two_plain", two_plain, meta_s)
+        if "eval" in measures:
+            # The single pass ("mean", the expected noise) always runs eager: the kernel does not implement it.
+            calibrated = Setup(arch, device, trainable=False, memory_format=memory_format).calibrated()
+            noise_off = Setup(arch, device, trainable=False, memory_format=memory_format).calibrated(noise_coeff=0.0)
+            plain, single, single_calibrated, single_noise_off = interleaved(
+                [eager.plain_eval, eager.perturbed_eval("mean", 1), calibrated.perturbed_eval("mean", 1),
+                 noise_off.perturbed_eval("mean", 1)], device, args.repeats)
+            for measure, seconds in (("eval_single_pass", single), ("eval_single_pass_calibrated", single_calibrated),
+                                     ("eval_noise_off_calibrated", single_noise_off)):
+                emit({"arch": arch, "measure": measure, "plain_s": plain, "perturbed_s": seconds,
+                      "ratio": seconds / plain})
+            parts = eager.single_pass_parts()
+            with torch.no_grad():
+                plain, *part_seconds = interleaved([eager.plain_eval, *parts.values()], device, args.repeats)
+            for name, seconds in zip(parts, part_seconds):
+                emit({"arch": arch, "measure": f"eval_single_pass_part_{name}", "plain_s": plain, "part_s": seconds,
+                      "ratio": seconds / plain})
+            for samples in (int(k) for k in args.mc_samples.split(",")):
+                repeats = max(3, args.repeats // 3) if samples >= 100 else args.repeats
+                plain, *perturbed = interleaved([eager.plain_eval, *(frozen[k].perturbed_eval("sample", samples)
+                                                                      for k in kernels)], device, repeats)
+                emit_pair(arch, f"eval_mc{samples}", plain, perturbed)
+        if "memory" in measures:
+            memory = "peak_memory_train_step" if device.type == "cuda" else "saved_activations_train_step"
+            plain_mib = peak_memory_mib(arch, "plain", device, memory_format)
+            variants = [("perturbed", "", "eager"), ("checkpointed", "_checkpointed", "eager")]
+            variants += [("perturbed", "_fused", "cpu")] if fused else []
+            for variant, name_suffix, kernel in variants:
+                perturbed_mib = peak_memory_mib(arch, variant, device, memory_format, kernel)
+                emit({"arch": arch, "measure": memory + name_suffix, "plain_mib": plain_mib,
+                      "perturbed_mib": perturbed_mib, "ratio": perturbed_mib / plain_mib if plain_mib else None})
 
 if __name__ == "__main__":
     main()

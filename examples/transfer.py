@@ -4,8 +4,10 @@
         --method metaperturb --perturbation hub_cards/metaperturb-tin-resnet20 --steps 1500 --seeds 0,1,2 \
         --output results.json
 
-Methods: none, metaperturb (reported with MC averaging over --mc-samples and as a single pass), dropout, dropblock,
-manifold_mixup, info_dropout, finetune (needs --init-from, a source-trained state dict of the same network).
+Methods: none, metaperturb (reported with MC averaging over --mc-samples and as a single pass whose BatchNorm
+statistics are first re-estimated under it on the training images; that record also holds `uncalibrated_accuracy`
+and `noise_off_calibrated_accuracy`), dropout, dropblock, manifold_mixup, info_dropout, finetune (needs --init-from,
+a source-trained state dict of the same network; a saved MetaPerturb run also serves).
 `--train-per-class N` keeps N training images per class (the small-data regime). Test accuracy, NLL and ECE come
 from the dataset's `--test-split`.
 """
@@ -40,7 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--mc-samples", type=int, default=10, help="noise samples averaged at test time")
     parser.add_argument("--output", help="write all records (and their mean) to this JSON file")
     parser.add_argument("--save-model", metavar="PATH",
-                        help="save the trained network's state dict (last seed) here, e.g. a source network for finetune")
+                        help="save the trained network's state dict (last seed) here, e.g. a source network for "
+                             "finetune; for metaperturb the whole perturbed model, single-pass statistics included")
     return parser.parse_args(argv)
 
 

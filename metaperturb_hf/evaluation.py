@@ -154,7 +154,7 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((probs.argmax(dim=1).cpu() == labels.cpu()).double().mean())
 
 
-def _normalized_batches(tensors: ImageTensors, batch_size: int, mean, std) -> Iterator[torch.Tensor]:
+def normalized_batches(tensors: ImageTensors, batch_size: int, mean=0.5, std=0.5) -> Iterator[torch.Tensor]:
     """Normalise one batch at a time, so float copies of a whole dataset are never held."""
     for images in tensors.images.split(batch_size):
         yield normalize(images, mean, std)
@@ -178,7 +178,7 @@ def evaluate(
     """
     _check_tensors(tensors)
     _check_batch_size(batch_size)
-    probs = _predict(model, _normalized_batches(tensors, batch_size, mean, std), num_samples, input_name)
+    probs = _predict(model, normalized_batches(tensors, batch_size, mean, std), num_samples, input_name)
     labels = tensors.labels.cpu()
     return {
         "accuracy": accuracy(probs, labels),

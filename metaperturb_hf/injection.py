@@ -14,7 +14,8 @@ forward hooks: the wrapped model's module tree and its state-dict keys stay unto
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -36,6 +37,11 @@ GATING_MODULE_PATTERN = re.compile(r"SqueezeExcit|SELayer|SEModule|SEBlock|Atten
 
 SITES_CONFIG_NAME = "perturbation_sites.json"
 SITES_WEIGHTS_NAME = "perturbation_sites.safetensors"
+SINGLE_PASS_WEIGHTS_NAME = "single_pass_statistics.safetensors"
+# The buffers of a norm layer that the single-pass mode keeps its own copy of.
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+# κ counts as the calibrated one within this (its stored copy may have been cast to a lower precision with the model).
+NOISE_COEFF_TOLERANCE = 1e-3
 PERTURBATION_FOLDER = "perturbation"
 
 
@@ -307,17 +313,59 @@ class SiteWrapper(nn.Module):
         return self.model
 
 
+def _running_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The norm layers of `model` that normalise with running statistics in evaluation (BatchNorm and the like)."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase)
+        and module.track_running_stats
+        and module.running_mean is not None
+    ]
+
+
+class SinglePassStatistics(nn.Module):
+    """The classifier's norm statistics as re-estimated under the single pass, and the κ they were estimated at.
+
+    Keys: `noise_coeff` and `norms.<norm layer>.{running_mean, running_var, num_batches_tracked}`.
+    """
+
+    def __init__(self, norms: list[tuple[str, nn.Module]], noise_coeff: float):
+        super().__init__()
+        self.register_buffer("noise_coeff", torch.tensor(float(noise_coeff), dtype=torch.float64))
+        self.kappa = float(noise_coeff)  # a Python copy: reading the buffer on a GPU would synchronise every forward
+        self.register_load_state_dict_post_hook(_remember_kappa)
+        self.norms = nn.ModuleDict()
+        for key, (_, norm) in zip(_unique_keys([name for name, _ in norms]), norms):
+            statistics = nn.Module()
+            for name in RUNNING_STATISTICS:
+                statistics.register_buffer(name, torch.zeros_like(getattr(norm, name)))
+            statistics.running_var.fill_(1.0)  # reset_running_stats' starting point
+            self.norms[key] = statistics
+
+
+def _remember_kappa(store: SinglePassStatistics, incompatible_keys) -> None:
+    store.kappa = float(store.noise_coeff)
+
+
 class PerturbedModel(SiteWrapper):
     r"""
     A classifier whose sites are perturbed by one shared `MetaPerturbModel`.
 
     The forward takes what the wrapped model takes. State-dict keys: `model.*` (unchanged wrapped keys),
-    `perturbation.*` (φ, once) and `site_statistics.<site>.running_{mean,var}`.
+    `perturbation.*` (φ, once) and `site_statistics.<site>.running_{mean,var}`; once the single pass is calibrated,
+    also `single_pass_statistics.*`.
 
     Noise modes in evaluation: `"sample"` draws fresh noise as the authors' code does (average several passes with
     `predict_proba`); `"mean"` is a deterministic single pass that replaces the noise z by its expectation
     E_ε[softplus(μ + ε)] (8-node Gauss–Hermite), i.e. the mean multiplicative perturbation, not the average of the
     softmax over samples.
+
+    The classifier's BatchNorm statistics were gathered in training under sampled noise, and the single pass feeds
+    its norms other activations. `calibrate_single_pass` re-estimates them under the single pass and keeps them as
+    that mode's own: from then on, a forward in "mean" mode (φ in eval, at the calibrated κ) normalises with them,
+    and every other forward with the classifier's own statistics, which training and MC use and which stay as they
+    were.
     """
 
     def __init__(
@@ -338,10 +386,112 @@ class PerturbedModel(SiteWrapper):
         self.site_statistics = nn.ModuleDict(
             {key: SiteStatistics(site.channels, num_filters) for key, site in zip(self.site_keys, self.sites)}
         )
+        self.single_pass_statistics: SinglePassStatistics | None = None  # set by calibrate_single_pass
+
+    def forward(self, *args, **kwargs):
+        if not self._uses_single_pass_statistics():
+            return super().forward(*args, **kwargs)
+        with self._norm_statistics(self.single_pass_statistics):
+            return super().forward(*args, **kwargs)
+
+    def _uses_single_pass_statistics(self) -> bool:
+        """Whether this forward is the calibrated single pass: "mean" mode, φ in eval, at the calibrated κ."""
+        store = self.single_pass_statistics
+        return (
+            store is not None
+            and self.noise_mode == "mean"
+            and not self.perturbation.training
+            and abs(self.noise_coeff - store.kappa) < NOISE_COEFF_TOLERANCE
+        )
+
+    @contextmanager
+    def _norm_statistics(self, store: SinglePassStatistics):
+        """Let the classifier's norm layers read and update `store`'s buffers for the duration; then their own again."""
+        norms = _running_norms(self.model)
+        keys = _unique_keys([name for name, _ in norms])
+        if list(store.norms) != keys:
+            raise RuntimeError(
+                f"The single-pass statistics are for the norm layers {list(store.norms)}, but the classifier now has "
+                f"{keys}; calibrate_single_pass again."
+            )
+        own = [{name: norm._buffers[name] for name in RUNNING_STATISTICS} for _, norm in norms]
+        try:
+            for key, (_, norm) in zip(keys, norms):
+                norm._buffers.update(store.norms[key]._buffers)
+            yield
+        finally:
+            for (_, norm), buffers in zip(norms, own):
+                norm._buffers.update(buffers)
+
+    @property
+    def single_pass_calibrated(self) -> bool:
+        return self.single_pass_statistics is not None
+
+    @torch.no_grad()
+    def calibrate_single_pass(self, batches: Iterable, num_batches: int | None = None) -> int:
+        r"""
+        Re-estimate the classifier's BatchNorm statistics under the single pass ("mean" mode) and keep them as that
+        mode's own; returns the number of batches used.
+
+        Run it after training, on training data. As `torch.optim.swa_utils.update_bn`: the statistics start from
+        their reset values and average the batches equally (momentum None), the norm layers in training mode and
+        everything else, φ included, in eval at the current κ (the statistics are used at that κ only; at κ = 0 the
+        single pass is the classifier alone, φ skipped, with statistics estimated without noise). The classifier's
+        own statistics (training and MC use them) and φ's site statistics are not changed. Calibrating again
+        replaces the previous calibration.
+
+        Args:
+            batches: an iterable of normalised image tensors, `(images, labels, ...)` tuples or lists (the first
+                element is the input), or dicts of keyword inputs (`"labels"`/`"label"` are left out).
+            num_batches: use at most this many batches (default: all; then `batches` must be finite).
+        """
+        if num_batches is not None and (isinstance(num_batches, bool) or int(num_batches) != num_batches
+                                        or num_batches < 1):
+            raise ValueError(f"num_batches must be an integer >= 1 or None (all batches), got {num_batches!r}.")
+        norms = _running_norms(self.model)
+        if not norms:
+            raise ValueError(
+                f"{type(self.model).__name__} has no BatchNorm layer with running statistics: its single pass uses "
+                "no statistics gathered under noise and needs no calibration."
+            )
+        store = SinglePassStatistics(norms, self.noise_coeff)
+        store.to(norms[0][1].running_mean.device)
+        momenta = [norm.momentum for _, norm in norms]
+        mode, used = self.noise_mode, 0
+        try:
+            with eval_mode(self), self._norm_statistics(store):
+                self.noise_mode = "mean"
+                for _, norm in norms:
+                    norm.train()
+                    norm.momentum = None  # cumulative average over the calibration batches
+                for batch in batches:
+                    if num_batches is not None and used >= num_batches:
+                        break
+                    args, kwargs = _model_inputs(batch, norms[0][1].running_mean.device)
+                    super().forward(*args, **kwargs)
+                    used += 1
+        finally:
+            self.noise_mode = mode
+            for (_, norm), momentum in zip(norms, momenta):
+                norm.momentum = momentum
+        if used == 0:
+            raise ValueError("calibrate_single_pass got no batches: the data loader or iterable is empty.")
+        self.single_pass_statistics = store
+        return used
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A state dict with single-pass statistics gives an uncalibrated model a place to load them into."""
+        if self.single_pass_statistics is None and any(
+            key.startswith(prefix + "single_pass_statistics.") for key in state_dict
+        ):
+            self.single_pass_statistics = SinglePassStatistics(_running_norms(self.model), self.noise_coeff)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _perturb(self, site: Site, key: str, hidden_states: torch.Tensor) -> torch.Tensor:
         stats = self.site_statistics[key]
         phi = self.perturbation
+        if self.noise_coeff == 0.0 and not phi.training:  # the identity; in training φ still updates its statistics
+            return hidden_states
         try:
             return phi(
                 hidden_states,
@@ -411,6 +561,12 @@ class PerturbedModel(SiteWrapper):
         (directory / SITES_CONFIG_NAME).write_text(json.dumps(layout, indent=2))
         save_file({name: tensor.contiguous() for name, tensor in self.site_statistics.state_dict().items()},
                   directory / SITES_WEIGHTS_NAME)
+        single_pass_file = directory / SINGLE_PASS_WEIGHTS_NAME
+        if self.single_pass_statistics is not None:
+            save_file({name: tensor.contiguous() for name, tensor in self.single_pass_statistics.state_dict().items()},
+                      single_pass_file)
+        elif single_pass_file.exists():  # an earlier, calibrated save into the same folder
+            single_pass_file.unlink()
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, model: nn.Module | None = None) -> "PerturbedModel":
@@ -428,7 +584,32 @@ class PerturbedModel(SiteWrapper):
         sites = [Site(**site) for site in layout["sites"]]
         perturbed = cls(model, perturbation, sites, layout["channel_norm"], layout["spatial_norm"])
         perturbed.site_statistics.load_state_dict(load_file(directory / SITES_WEIGHTS_NAME))
+        single_pass_file = directory / SINGLE_PASS_WEIGHTS_NAME
+        if single_pass_file.is_file():
+            state = load_file(single_pass_file)
+            perturbed.single_pass_statistics = SinglePassStatistics(_running_norms(model), float(state["noise_coeff"]))
+            perturbed.single_pass_statistics.load_state_dict(state)
         return perturbed
+
+
+def _model_inputs(batch, device) -> tuple[tuple, dict]:
+    """Positional and keyword inputs for one calibration batch, on `device`."""
+    if isinstance(batch, dict):
+        return (), {k: _to(v, device) for k, v in batch.items() if k not in ("labels", "label")}
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("A calibration batch is an empty tuple or list; expected (images, labels, ...).")
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(
+            f"A calibration batch must be an image tensor, an (images, labels, ...) tuple or a dict of model inputs, "
+            f"got {type(batch).__name__}."
+        )
+    return (_to(batch, device),), {}
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _unique_keys(names: list[str]) -> list[str]:

@@ -78,8 +78,10 @@ def test_trainer_callback_anneals_kappa(tmp_path):
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8, report_to=[],
                              remove_unused_columns=False, use_cpu=True, save_strategy="no", disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[Recorder()]).train()
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Recorder()])
+    trainer.train()
     assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert model.calibrate_single_pass(trainer.get_train_dataloader(), num_batches=2) == 2  # as the README says
 
 
 def _perturbed(model):
