@@ -74,6 +74,11 @@ class MetaTrainingConfig:
     # while the main process alone loads the dataset.
     collective_timeout: float = 1800.0
 
+    @property
+    def phi_decay(self) -> float:
+        """φ's weight decay once it applies."""
+        return self.weight_decay if self.phi_weight_decay is None else self.phi_weight_decay
+
     def __post_init__(self):
         if isinstance(self.architectures, str):
             self.architectures = [name.strip() for name in self.architectures.split(",") if name.strip()]
@@ -139,8 +144,7 @@ def initial_phi(config: MetaTrainingConfig, phi_config: MetaPerturbConfig | None
 def phi_optimizer(parameters: list[nn.Parameter], config: MetaTrainingConfig) -> torch.optim.Optimizer:
     """Adam for φ with its weight decay as Adam's L2 term (the authors') or decoupled (AdamW), starting at zero when
     `phi_weight_decay_start` > 0 (`MetaTrainer` raises it at that step)."""
-    decay = config.weight_decay if config.phi_weight_decay is None else config.phi_weight_decay
-    decay = 0.0 if config.phi_weight_decay_start else decay
+    decay = 0.0 if config.phi_weight_decay_start else config.phi_decay
     optimizer = torch.optim.AdamW if config.phi_weight_decay_mode == "decoupled" else torch.optim.Adam
     return optimizer(parameters, lr=config.learning_rate, weight_decay=decay)
 
@@ -366,9 +370,8 @@ class MetaTrainer:
             parameter.grad = mean_grad[offset : offset + parameter.numel()].view_as(parameter).clone()
             offset += parameter.numel()
         if self.config.phi_weight_decay_start and self.step + 1 == self.config.phi_weight_decay_start:
-            decay = self.config.weight_decay if self.config.phi_weight_decay is None else self.config.phi_weight_decay
             for group in self.phi_optimizer.param_groups:
-                group["weight_decay"] = decay
+                group["weight_decay"] = self.config.phi_decay
         self.phi_optimizer.step()
         self._stop_requested = bool(flat[-1] > 0)
         metrics["phi_grad_norm"] = mean_grad.norm()
