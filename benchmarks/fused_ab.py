@@ -9,11 +9,11 @@ alone; the two scripts build the networks the same way.
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from overhead import interleaved  # the same interleaved medians (this folder is on sys.path when run as a script)
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
 from metaperturb_hf.architectures import create_model
@@ -34,15 +34,7 @@ def build(arch: str, kernel: str | None):
 
 
 def medians(functions: dict, repeats: int) -> dict[str, float]:
-    for function in functions.values():  # warm-up
-        function()
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return dict(zip(functions, interleaved(list(functions.values()), torch.device("cpu"), repeats, warmup=1)))
 
 
 def main():
