@@ -3,8 +3,7 @@ and a fused-φ network timed in turn (interleaved medians), for a frozen-φ trai
 
     python benchmarks/fused_ab.py [--archs resnet20,conv4] [--repeats 7] [--output results.jsonl]
 
-It exists because overhead.py's ResNet-20 rounds on an idle machine came out twice as slow as the same step timed
-alone; the two scripts build the networks the same way.
+Three networks and six timings: short enough to run when the machine is idle, which a ratio of two medians needs.
 """
 
 import argparse
