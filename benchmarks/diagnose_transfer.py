@@ -60,11 +60,10 @@ def main():
     config = TransferConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     train_classifier(model, train, config, progress=False)
 
-    phi.monitor = []
     model.eval()
-    model(normalize(test.images[:256]))
-    scale, noise = (torch.stack(v).mean().item() for v in zip(*phi.monitor))
-    phi.monitor = None
+    with phi.monitoring() as calls:
+        model(normalize(test.images[:256]))
+    scale, noise = (torch.stack(v).mean().item() for v in zip(*calls))
 
     record = {"dataset": args.dataset, "arch": args.arch, "perturbation": args.perturbation, "steps": args.steps,
               "seed": args.seed, "train_images": len(train), "mean_s": scale, "mean_z": noise}

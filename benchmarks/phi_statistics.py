@@ -40,13 +40,11 @@ def site_multipliers(model, images) -> list[dict]:
         return output
 
     model._perturb = recording
-    model.perturbation.monitor = []
     model.train()
-    with torch.no_grad():
+    with torch.no_grad(), model.perturbation.monitoring() as calls:
         model(images)
-    for record, (scale, noise) in zip(multipliers, model.perturbation.monitor):
+    for record, (scale, noise) in zip(multipliers, calls):
         record.update(mean_s=scale.item(), mean_z=noise.item())
-    model.perturbation.monitor = None
     del model._perturb
     return multipliers
 

@@ -279,8 +279,8 @@ class MetaTrainer:
     def _task_step(self, learner: TaskLearner, record: bool) -> tuple[list[torch.Tensor], dict]:
         """θ step on the training half, then the φ-gradient on the validation half (metrics only when `record`)."""
         model, size = learner.model, self.config.batch_size
-        self.phi.monitor = [] if record else None
-        with learner.own_randomness():
+        monitoring = self.phi.monitoring() if record else nullcontext([])
+        with monitoring as calls, learner.own_randomness():
             model.train()
             images, labels = learner.train_batches.next_batch(size)
             with self._autocast():
@@ -291,7 +291,6 @@ class MetaTrainer:
                 # process at this step (see _meta_step).
                 loss = float(train_loss.detach())
                 self._nonfinite.append(f"the training loss of task {learner.task.task_id} is {loss}")
-                self.phi.monitor = None
                 return [torch.full_like(p, float("nan")) for p in self.phi_parameters], {}
             valid_images, valid_labels = learner.valid_batches.next_batch(size)
             if self.config.lookahead:
@@ -315,10 +314,9 @@ class MetaTrainer:
             model.train()
         if not record:
             return phi_grads, {}
-        site_scales, site_noises = (torch.stack(values).float() for values in zip(*self.phi.monitor))
+        site_scales, site_noises = (torch.stack(values).float() for values in zip(*calls))
         scale, noise = site_scales.mean(), site_noises.mean()
-        self.phi.monitor = None
-        # One monitor entry per φ call: the training pass's sites, then the validation pass's.
+        # One entry per φ call: the training pass's sites, then the validation pass's.
         num_sites = len(model.sites)
         per_site = {f"site{i}/mean_{name}": values[num_sites + i] for i in range(num_sites)
                     for name, values in (("s", site_scales), ("z", site_noises)) if len(values) == 2 * num_sites}

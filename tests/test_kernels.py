@@ -131,12 +131,12 @@ def test_checkpointing_and_monitor_agree_with_the_plain_call():
     phi = make_phi()
     h = torch.randn(4, 8, 6, 6)
     plain = run(phi, "cpu", h, None, seed=2)
-    phi.gradient_checkpointing, phi.monitor = True, []
-    checkpointed = run(phi, "cpu", h, None, seed=2)
+    phi.gradient_checkpointing = True
+    with phi.monitoring() as calls:
+        checkpointed = run(phi, "cpu", h, None, seed=2)
     phi.gradient_checkpointing = False
     assert_same(checkpointed, plain, tolerance=0)
-    (scale_mean, noise_mean), = phi.monitor
-    phi.monitor = None
+    (scale_mean, noise_mean), = calls
     h_channel_last = h.contiguous(memory_format=torch.channels_last)
     torch.manual_seed(2)
     seed = torch.randint(2**62, (), dtype=torch.int64)

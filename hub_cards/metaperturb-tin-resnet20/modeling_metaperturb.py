@@ -4,6 +4,7 @@ This file imports only torch, transformers and its own configuration, so that a 
 carries it can be loaded with `trust_remote_code=True` where `metaperturb_hf` is not installed.
 """
 
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -373,8 +374,7 @@ class MetaPerturbModel(PreTrainedModel):
         self.mean_kernels = nn.Parameter(torch.empty(2, 1, k, k))
         self.stat_kernels = nn.Parameter(torch.empty(config.num_stat_filters, 1, k, k))
         self.scale_weight = nn.Parameter(torch.empty(2 * config.num_stat_filters + 2))
-        # Set to a list to collect (mean s, mean z) of every call, e.g. for logging during meta-training.
-        self.monitor: list | None = None
+        self._monitor_records: list | None = None  # set inside `monitoring()`
         self.gradient_checkpointing = False
         # "auto", "eager" or "cpu" (the fused CPU kernel); None defers to METAPERTURB_KERNEL, then "auto".
         self.kernel: str | None = None
@@ -413,6 +413,23 @@ class MetaPerturbModel(PreTrainedModel):
         if broken:
             raise ValueError(f"{source} holds NaN or Inf in {broken}; the file is damaged or comes from a diverged run.")
         return (model, info) if output_loading_info else model
+
+    @contextmanager
+    def monitoring(self):
+        """Collect (mean s, mean z) of every call made inside the block, in call order, e.g. to log meta-training:
+
+        ```python
+        with phi.monitoring() as calls:
+            model(images)
+        scale_of_first_site, noise_of_first_site = calls[0]
+        ```
+        Outside such a block φ computes no mean of z at all.
+        """
+        previous, self._monitor_records = self._monitor_records, []
+        try:
+            yield self._monitor_records
+        finally:
+            self._monitor_records = previous
 
     def _init_weights(self, module):
         if module is self:
@@ -458,7 +475,7 @@ class MetaPerturbModel(PreTrainedModel):
         _, channels, height, width = h.shape
         descriptors = (channels / channel_norm, height / spatial_norm)
         settings = _Settings(float(noise_coeff), clip_value, descriptors, expected_noise, self.expected_noise_nodes,
-                             self.training, self.config.stat_momentum, self.monitor is not None,
+                             self.training, self.config.stat_momentum, self._monitor_records is not None,
                              self.gradient_checkpointing and torch.is_grad_enabled())
         # φ computes in the features' own precision (its kernels are cast to it), so autocast has nothing to add.
         parameters = (self.identity_kernels, self.mean_kernels, self.stat_kernels, self.scale_weight)
@@ -466,8 +483,8 @@ class MetaPerturbModel(PreTrainedModel):
             fused = _fused_phi(kernel or self.kernel, h, parameters, running_mean, running_var, noise, settings)
             function = fused or _PerturbFunction.apply
             output, scale, noise_sample_mean = function(h, *parameters, running_mean, running_var, noise, settings)
-        if self.monitor is not None:
-            self.monitor.append((scale.detach().mean(), noise_sample_mean))
+        if self._monitor_records is not None:
+            self._monitor_records.append((scale.detach().mean(), noise_sample_mean))
         return output.view(hidden_states.shape) if is_flat else output
 
     def _check_inputs(self, hidden_states, running_mean, running_var, noise) -> None:
