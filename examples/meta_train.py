@@ -8,109 +8,83 @@ Several processes (tasks are spread over them; only φ's 82 gradients cross proc
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 examples/meta_train.py --dataset ... (CPU)
 
 `--dataset` takes a hub dataset id, a local folder of Parquet files (train*.parquet), a Parquet glob or file, or an
-imagefolder directory. A killed or interrupted (Ctrl-C) run continues with `--resume`.
+imagefolder directory. Every field of `MetaTrainingConfig` is a flag (underscores or dashes); the defaults are the
+authors' protocol. A killed or interrupted (Ctrl-C) run continues with `--resume`.
 """
 
 import argparse
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from transformers import HfArgumentParser
 
 from metaperturb_hf.meta_training import MetaTrainer, MetaTrainingConfig, create_accelerator
 from metaperturb_hf.tasks import load_tasks
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, help="hub id, Parquet folder/glob/file, or imagefolder directory")
-    data.add_argument("--split", default="train", help="split to build tasks from (default: train)")
-    data.add_argument("--image-column", default="image")
-    data.add_argument("--label-column", default="label")
-    data.add_argument("--num-groups", type=int, default=5, help="class-disjoint groups; 2 tasks each (default: 5)")
-    data.add_argument("--no-swap", action="store_true", help="one task per group (train A / validate B) instead of two")
-    data.add_argument("--image-size", type=int, default=32, help="images are resized to this size (default: 32)")
-    training = parser.add_argument_group("training")
-    training.add_argument("--arch", default="resnet20", help="architecture, or a comma-separated list cycled over tasks")
-    training.add_argument("--steps", type=int, default=750)
-    training.add_argument("--batch-size", type=int, default=128)
-    training.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of θ and φ")
-    training.add_argument("--weight-decay", type=float, default=5e-4)
-    phi = parser.add_argument_group("φ's optimisation (defaults: the authors' protocol)")
-    phi.add_argument("--phi-weight-decay", type=float, default=None, help="φ's weight decay (default: --weight-decay)")
-    phi.add_argument("--phi-weight-decay-mode", choices=["l2", "decoupled"], default="l2",
-                     help="Adam's L2 term, as the authors (default), or decoupled as in AdamW")
-    phi.add_argument("--phi-weight-decay-start", type=int, default=0,
-                     help="first step at which φ's weight decay applies (default: 0, from the start)")
-    phi.add_argument("--phi-init-std", type=float, default=None, help="std of φ's initial N(0, std) (default: 0.01)")
-    phi.add_argument("--phi-init-average", type=int, default=1,
-                     help="average φ's initial value over this many draws (the authors' 10 processes: 10; default 1)")
-    training.add_argument("--lookahead", action="store_true", help="φ-gradient through a one-step lookahead of θ (slower)")
-    training.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
-    training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--collective-timeout", type=float, default=1800.0,
-                          help="seconds a process waits for the others before it stops with a message (default: 1800)")
-    output = parser.add_argument_group("output")
-    output.add_argument("--output-dir", default="metaperturb-output")
-    output.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: never)")
-    output.add_argument("--log-every", type=int, default=10)
-    output.add_argument("--resume", nargs="?", const="latest", help="continue from the latest checkpoint (or a path)")
-    output.add_argument("--push-to-hub", metavar="REPO", help="publish the final φ and its card to this hub repo")
-    return parser.parse_args(argv)
+@dataclass
+class TaskArguments:
+    """How the source dataset becomes tasks."""
+
+    split: str = field(default="train", metadata={"help": "split to build tasks from"})
+    image_column: str = field(default="image", metadata={"help": "column holding the images"})
+    label_column: str = field(default="label", metadata={"help": "column holding the integer class labels"})
+    num_groups: int = field(default=5, metadata={"help": "class-disjoint groups; 2 tasks each"})
+    swap: bool = field(default=True, metadata={"help": (
+        "two tasks per group (A→B and B→A); --no-swap keeps one (train on A, validate on B)")})
+
+
+@dataclass
+class RunArguments:
+    resume: str | None = field(default=None, metadata={"nargs": "?", "const": "latest", "help": (
+        "continue from the latest checkpoint (or from the checkpoint folder given)")})
+    push_to_hub: str | None = field(default=None, metadata={"metavar": "REPO", "help": (
+        "publish the final φ and its card to this hub repo")})
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option list, the module docstring as written."""
+
+
+def parse_args(argv=None) -> tuple[MetaTrainingConfig, TaskArguments, RunArguments]:
+    parser = HfArgumentParser((MetaTrainingConfig, TaskArguments, RunArguments), description=__doc__,
+                              formatter_class=_HelpFormatter)
+    config, tasks, run = parser.parse_args_into_dataclasses(args=argv)
+    if not config.source:
+        parser.error("--dataset is required: a hub dataset id, a Parquet folder/glob/file, or an imagefolder directory")
+    return config, tasks, run
+
+
+def push(output_dir: str, repo: str, accelerator) -> None:
+    from metaperturb_hf.hub import HubError, push_perturbation_folder
+
+    try:
+        url = push_perturbation_folder(Path(output_dir), repo)
+    except HubError as error:
+        sys.exit(f"{error}\nφ is still in {output_dir}; publish it later with "
+                 f"metaperturb_hf.hub.push_perturbation_folder({output_dir!r}, {repo!r}).")
+    accelerator.print(f"Published φ with its model card to {url}")
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    config = MetaTrainingConfig(
-        architectures=args.arch,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        image_size=args.image_size,
-        seed=args.seed,
-        lookahead=args.lookahead,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-        output_dir=args.output_dir,
-        mixed_precision=args.mixed_precision,
-        collective_timeout=args.collective_timeout,
-        source=str(args.dataset),
-        phi_weight_decay=args.phi_weight_decay,
-        phi_weight_decay_mode=args.phi_weight_decay_mode,
-        phi_weight_decay_start=args.phi_weight_decay_start,
-        phi_init_std=args.phi_init_std,
-        phi_init_average=args.phi_init_average,
-    )
+    config, task_args, run = parse_args(argv)
     accelerator = create_accelerator(config)
     with accelerator.main_process_first():
-        tasks = load_tasks(
-            args.dataset,
-            args.num_groups,
-            split=args.split,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            image_size=args.image_size,
-            seed=args.seed,
-            swap=not args.no_swap,
-            min_batch_size=args.batch_size,
-        )
-    accelerator.print(f"{len(tasks)} tasks of {[len(t.classes) for t in tasks]} classes from {args.dataset}")
+        tasks = load_tasks(config.source, task_args.num_groups, split=task_args.split,
+                           image_column=task_args.image_column, label_column=task_args.label_column,
+                           image_size=config.image_size, seed=config.seed, swap=task_args.swap,
+                           min_batch_size=config.batch_size)
+    accelerator.print(f"{len(tasks)} tasks of {[len(t.classes) for t in tasks]} classes from {config.source}")
     trainer = MetaTrainer(config, tasks, accelerator=accelerator)
-    if args.resume:
-        trainer.resume(None if args.resume == "latest" else args.resume)
+    if run.resume:
+        trainer.resume(None if run.resume == "latest" else run.resume)
     trainer.train()
     if trainer.interrupted:
         sys.exit(130)
-    if args.push_to_hub and accelerator.is_main_process:
-        from metaperturb_hf.hub import HubError, push_perturbation_folder
-
-        try:
-            url = push_perturbation_folder(Path(args.output_dir), args.push_to_hub)
-        except HubError as error:
-            sys.exit(f"{error}\nφ is still in {args.output_dir}; publish it later with "
-                     f"metaperturb_hf.hub.push_perturbation_folder({str(args.output_dir)!r}, {args.push_to_hub!r}).")
-        accelerator.print(f"Published φ with its model card to {url}")
-    accelerator.print(f"φ written to {args.output_dir} (save_pretrained + meta_training.json)")
+    if run.push_to_hub and accelerator.is_main_process:
+        push(config.output_dir, run.push_to_hub, accelerator)
+    accelerator.print(f"φ written to {config.output_dir} (save_pretrained + meta_training.json)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ winner is copied to OUTPUT_DIR/best. Finished candidates are kept, interrupted o
         --seeds 0,1,2,3,4 --holdout_classes 40 --num_groups 4 --output_dir phi-selection
 
 Every MetaTrainingConfig field is a flag (`--steps`, `--phi_weight_decay`, ...); `--output_dir` holds the candidates
-and `--seeds` replaces `--seed`.
+and `--seeds` replaces `--seed`; `--dataset` is MetaTrainingConfig's `source`.
 """
 
 import argparse
@@ -37,7 +37,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 class SelectionArguments:
     """What is selected over and how a candidate is scored."""
 
-    dataset: str
     seeds: str = "0,1,2,3,4"
     num_groups: int = 4
     holdout_classes: int = 40
@@ -81,13 +80,15 @@ def main(argv=None):
     parser = HfArgumentParser((MetaTrainingConfig, SelectionArguments), description=__doc__,
                               formatter_class=_HelpFormatter)
     base, args = parser.parse_args_into_dataclasses(argv)
-    root = Path(base.output_dir)
-    source_train = load_split(args.dataset, args.train_split, base.image_size)
-    source_test = load_split(args.dataset, args.test_split, base.image_size)
+    if not base.source:
+        parser.error("--dataset is required: the source dataset (hub id, Parquet folder/glob/file, imagefolder)")
+    dataset, root = base.source, Path(base.output_dir)
+    source_train = load_split(dataset, args.train_split, base.image_size)
+    source_test = load_split(dataset, args.test_split, base.image_size)
     meta_classes, held_out_train, held_out = split_classes(source_train, args.holdout_classes, args.split_seed)
     _, held_out_test, _ = split_classes(source_test, args.holdout_classes, args.split_seed)
     if held_out_test.class_names != held_out_train.class_names:
-        raise ValueError(f"The {args.train_split} and {args.test_split} splits of {args.dataset} hold different classes.")
+        raise ValueError(f"The {args.train_split} and {args.test_split} splits of {dataset} hold different classes.")
     score_train = subsample_per_class(held_out_train, args.score_train_per_class, args.split_seed)
     arch = args.score_arch or base.architectures[0]
 
@@ -95,7 +96,7 @@ def main(argv=None):
     for seed in (int(seed) for seed in args.seeds.split(",")):
         tasks = build_tasks(meta_classes, args.num_groups, seed=seed, min_batch_size=base.batch_size)
         config = replace(base, seed=seed, output_dir=str(root / f"seed-{seed}"),
-                         source=f"{args.dataset} ({args.train_split}, {len(held_out)} classes held out)")
+                         source=f"{dataset} ({args.train_split}, {len(held_out)} classes held out)")
         folder = meta_train(config, tasks)
         scores[folder.name] = score(folder, arch, score_train, held_out_test, args, base.batch_size)
         print(f"{folder.name}: held-out transfer accuracy {100 * scores[folder.name]:.2f} %", flush=True)

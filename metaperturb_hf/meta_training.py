@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,38 +42,43 @@ META_TRAINING_FILE = "meta_training.json"
 
 @dataclass
 class MetaTrainingConfig:
-    """Hyper-parameters of meta-training; the defaults are the authors' (docs/protocols.md)."""
+    """Hyper-parameters of meta-training; the defaults are the authors' (docs/protocols.md). Every field is also a
+    flag of `examples/meta_train.py` (through `HfArgumentParser`, with its help text)."""
 
-    architectures: list[str] = field(default_factory=lambda: ["resnet20"])
-    steps: int = 750
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    weight_decay: float = 5e-4
-    image_size: int = 32
-    seed: int = 0
-    lookahead: bool = False
-    lookahead_step_size: float = 0.1
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    output_dir: str = "metaperturb-output"
-    mixed_precision: str = "no"
-    source: str = ""
-    # φ's own optimisation, each an explicit departure from the authors' protocol when changed (their values are the
-    # defaults): its weight decay (None: `weight_decay`), applied as Adam's L2 term (the authors') or decoupled as
-    # in AdamW, and from which step on it applies (0: from the start).
-    phi_weight_decay: float | None = None
-    phi_weight_decay_mode: str = "l2"
-    phi_weight_decay_start: int = 0
-    # φ's initial value: N(0, phi_init_std) (None: the φ config's initializer_range, 0.01), averaged over
-    # `phi_init_average` independent draws. The authors' run averages the draws of its 10 processes (10), which
-    # shrinks the initial value by sqrt(10); 1 keeps one draw.
-    phi_init_std: float | None = None
-    phi_init_average: int = 1
-    # Seconds a process waits at a collective (φ-gradient all-reduce, barriers) for the others before it stops with
-    # an error; bounds the wait when another process dies or stalls. torch's default; it also covers the barrier
-    # while the main process alone loads the dataset.
-    collective_timeout: float = 1800.0
+    source: str = field(default="", metadata={"aliases": ["--dataset"], "help": (
+        "the source dataset: hub id, Parquet folder/glob/file, or imagefolder directory (recorded with φ)")})
+    architectures: list[str] = field(default_factory=lambda: ["resnet20"], metadata={"aliases": ["--arch"], "help": (
+        "architecture(s) of the task classifiers, cycled over tasks (`conv4,resnet20` or `conv4 resnet20`)")})
+    steps: int = field(default=750, metadata={"help": "meta-training steps"})
+    batch_size: int = field(default=128, metadata={"help": "images per task half per step"})
+    learning_rate: float = field(default=1e-3, metadata={"aliases": ["--lr"], "help": "Adam learning rate of θ and φ"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "Adam's L2 weight decay of θ (and of φ by default)"})
+    image_size: int = field(default=32, metadata={"help": "images are resized to this size"})
+    seed: int = field(default=0, metadata={"help": "seed of the task split, the classifiers, the batches and the noise"})
+    lookahead: bool = field(default=False, metadata={"help": (
+        "φ-gradient through a one-step lookahead of θ (slower; default: first order, as the authors)")})
+    lookahead_step_size: float = field(default=0.1, metadata={"help": "α of the lookahead θ' = θ − α∇θ"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints (0: never)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    log_every: int = field(default=10, metadata={"help": "steps between logged metrics"})
+    output_dir: str = field(default="metaperturb-output", metadata={"help": (
+        "φ (save_pretrained), meta_training.json, checkpoints/ and logs/ go here")})
+    mixed_precision: Literal["no", "bf16"] = field(default="no", metadata={"help": "autocast of the classifiers"})
+    # φ's own optimisation: each field is an explicit departure from the authors' protocol when changed.
+    phi_weight_decay: float | None = field(default=None, metadata={"help": "φ's weight decay (default: weight_decay)"})
+    phi_weight_decay_mode: Literal["l2", "decoupled"] = field(default="l2", metadata={"help": (
+        "φ's weight decay as Adam's L2 term (the authors') or decoupled as in AdamW")})
+    phi_weight_decay_start: int = field(default=0, metadata={"help": (
+        "first step at which φ's weight decay applies (0: from the start)")})
+    # The authors' run averages the draws of its 10 processes (10), which shrinks the initial value by sqrt(10).
+    phi_init_std: float | None = field(default=None, metadata={"help": (
+        "std of φ's initial N(0, std) (default: the φ config's initializer_range, 0.01)")})
+    phi_init_average: int = field(default=1, metadata={"help": (
+        "average φ's initial value over this many draws (the authors' 10 processes: 10)")})
+    # Bounds the wait when another process dies or stalls; torch's default, which also covers the barrier while the
+    # main process alone loads the dataset.
+    collective_timeout: float = field(default=1800.0, metadata={"help": (
+        "seconds a process waits at a collective for the others before it stops with an error")})
 
     @property
     def phi_decay(self) -> float:
@@ -80,8 +86,8 @@ class MetaTrainingConfig:
         return self.weight_decay if self.phi_weight_decay is None else self.phi_weight_decay
 
     def __post_init__(self):
-        if isinstance(self.architectures, str):
-            self.architectures = [name.strip() for name in self.architectures.split(",") if name.strip()]
+        names = [self.architectures] if isinstance(self.architectures, str) else self.architectures
+        self.architectures = [name.strip() for item in names for name in item.split(",") if name.strip()]
         unknown = [name for name in self.architectures if name not in list_models()]
         if not self.architectures or unknown:
             raise ValueError(f"Unknown architecture(s) {unknown or self.architectures}; choose from {list_models()}.")
