@@ -150,3 +150,19 @@ def test_selection_keeps_the_best_candidate_scored_on_held_out_classes(tmp_path)
     written = weights.stat().st_mtime_ns
     load_script("select_perturbation").main(args)  # finished candidates are kept, not trained again
     assert weights.stat().st_mtime_ns == written
+
+
+def test_trainer_transfer_trains_resumes_and_saves_a_transformers_classifier(target, phi_dir, tmp_path):
+    script = load_script("trainer_transfer")
+    common = ["--dataset", str(target), "--perturbation", str(phi_dir), "--image_size", "16", "--mc_samples", "2",
+              "--per_device_train_batch_size", "8", "--save_steps", "2", "--logging_steps", "1",
+              "--output_dir", str(tmp_path), "--disable_tqdm", "true"]
+    script.main([*common, "--max_steps", "2"])
+    script.main([*common, "--max_steps", "3", "--resume", "true"])
+    state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3]
+    results = json.loads((tmp_path / "transfer_results.json").read_text())
+    assert results["mc"]["num_samples"] == 2 and results["single_pass"]["mode"] == "single_pass"
+    assert all(0 <= record["accuracy"] <= 1 and record["n"] == 12 for record in results.values())
+    saved = tmp_path / "perturbed-model"
+    assert {"config.json", "model.safetensors", "single_pass_statistics.safetensors"} <= {p.name for p in saved.iterdir()}
