@@ -21,17 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForImageClassification,
-    HfArgumentParser,
-    ResNetConfig,
-    ResNetForImageClassification,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import HfArgumentParser, ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments
 
 from metaperturb_hf import add_perturbation
+from metaperturb_hf.architectures import create_model
 from metaperturb_hf.data import augment, load_image_dataset, normalize, to_tensors
 from metaperturb_hf.evaluation import evaluate
 from metaperturb_hf.methods import load_perturbation
@@ -54,15 +47,11 @@ class ScriptArguments:
 
 
 def build_classifier(hf_model: str | None, num_labels: int) -> torch.nn.Module:
-    """The default CIFAR-sized ResNet, or `hf_model`'s weights where it has them and its architecture otherwise."""
-    if hf_model is None:
-        return ResNetForImageClassification(ResNetConfig(
-            embedding_size=16, hidden_sizes=[16, 32, 64], depths=[3, 3, 3], layer_type="basic", num_labels=num_labels))
-    config = AutoConfig.from_pretrained(hf_model, num_labels=num_labels)
-    try:
-        return AutoModelForImageClassification.from_pretrained(hf_model, config=config, ignore_mismatched_sizes=True)
-    except OSError:  # a config without weights
-        return AutoModelForImageClassification.from_config(config)
+    """`hf_model` (its weights where it has them), or by default a CIFAR-sized ResNet."""
+    if hf_model is not None:
+        return create_model(f"hf:{hf_model}", num_labels)
+    return ResNetForImageClassification(ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64], depths=[3, 3, 3], layer_type="basic", num_labels=num_labels))
 
 
 def image_transform(args: ScriptArguments, train: bool, seed: int = 0):

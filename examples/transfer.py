@@ -8,6 +8,8 @@ Methods: none, metaperturb (reported with MC averaging over --mc-samples and as 
 statistics are first re-estimated under it on the training images; that record also holds `uncalibrated_accuracy`
 and `noise_off_calibrated_accuracy`), dropout, dropblock, manifold_mixup, info_dropout, finetune (needs --init-from,
 a source-trained state dict of the same network; a saved MetaPerturb run also serves).
+`--hf-model` trains a `transformers` image classifier (a checkpoint, whose head is resized to the target's classes,
+or a config, trained from scratch) instead of a reference network.
 `--train-per-class N` keeps N training images per class (the small-data regime). Test accuracy, NLL and ECE come
 from the dataset's `--test-split`.
 """
@@ -31,6 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--arch", default="resnet20", help="reference network (see architectures.list_models())")
+    parser.add_argument("--hf-model", metavar="CHECKPOINT_OR_CONFIG",
+                        help="a transformers image classifier (hub id or folder) instead of --arch")
     parser.add_argument("--method", choices=METHODS, default="metaperturb")
     parser.add_argument("--perturbation", help="φ: a save_pretrained folder, a hub repo, or the authors' .pth")
     parser.add_argument("--init-from", help="state dict of a source-trained network (method finetune)")
@@ -44,7 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--save-model", metavar="PATH",
                         help="save the trained network's state dict (last seed) here, e.g. a source network for "
                              "finetune; for metaperturb the whole perturbed model, single-pass statistics included")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.hf_model:
+        args.arch = f"hf:{args.hf_model}"
+    return args
 
 
 def load_split(args, split: str):

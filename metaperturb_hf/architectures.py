@@ -55,13 +55,23 @@ def register_model(name: str, *, min_image_size: int) -> Callable:
     return decorator
 
 
+# `create_model("hf:<checkpoint or config>")` builds a transformers image classifier.
+TRANSFORMERS_PREFIX = "hf:"
+
+
 def list_models() -> list[str]:
     """Names accepted by `create_model`, sorted."""
     return sorted(_MODELS)
 
 
 def create_model(name: str, num_classes: int, image_size: int = 32, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Build the network `name` for `in_channels x image_size x image_size` inputs and `num_classes` logits."""
+    """Build the network `name` for `in_channels x image_size x image_size` inputs and `num_classes` logits.
+
+    `name` is one of `list_models()`, or `hf:` followed by a transformers checkpoint or config of an image classifier
+    (hub id or folder; see `transformers_classifier`).
+    """
+    if name.startswith(TRANSFORMERS_PREFIX):
+        return transformers_classifier(name[len(TRANSFORMERS_PREFIX):], num_classes)
     if name not in _MODELS:
         raise ValueError(f"Unknown model {name!r}; available models: {', '.join(list_models())}")
     entry = _MODELS[name]
@@ -77,6 +87,19 @@ def create_model(name: str, num_classes: int, image_size: int = 32, in_channels:
     model = entry.build(num_classes, image_size, in_channels, **kwargs)
     model.apply(_init_weights)
     return model
+
+
+def transformers_classifier(name_or_path: str, num_classes: int) -> nn.Module:
+    """A `transformers` image classifier with `num_classes` labels: the checkpoint's weights where it has them (a head
+    of another size starts from scratch), the architecture of a config alone from scratch."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    config = AutoConfig.from_pretrained(name_or_path, num_labels=num_classes)
+    try:
+        return AutoModelForImageClassification.from_pretrained(name_or_path, config=config,
+                                                               ignore_mismatched_sizes=True)
+    except OSError:  # a config without weights
+        return AutoModelForImageClassification.from_config(config)
 
 
 def _init_weights(module: nn.Module) -> None:

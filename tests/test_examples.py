@@ -166,3 +166,17 @@ def test_trainer_transfer_trains_resumes_and_saves_a_transformers_classifier(tar
     assert all(0 <= record["accuracy"] <= 1 and record["n"] == 12 for record in results.values())
     saved = tmp_path / "perturbed-model"
     assert {"config.json", "model.safetensors", "single_pass_statistics.safetensors"} <= {p.name for p in saved.iterdir()}
+
+
+def test_transfer_script_trains_a_transformers_classifier_from_its_config(target, phi_dir, tmp_path):
+    from transformers import ResNetConfig
+
+    ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic").save_pretrained(tmp_path / "cfg")
+    output = tmp_path / "out.json"
+    load_script("transfer").main([
+        "--dataset", str(target), "--hf-model", str(tmp_path / "cfg"), "--image-size", "16", "--method", "metaperturb",
+        "--perturbation", str(phi_dir), "--steps", "2", "--batch-size", "8", "--mc-samples", "2", "--output", str(output),
+    ])
+    records = json.loads(output.read_text())["records"]
+    assert [r["method"] for r in records] == ["metaperturb", "metaperturb_single_pass"]
+    assert all(r["arch"] == f"hf:{tmp_path / 'cfg'}" and 0 <= r["accuracy"] <= 1 for r in records)
