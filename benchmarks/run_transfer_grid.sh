@@ -19,7 +19,7 @@ wait
 
 networks=$(for arch in ${ARCHS//,/ }; do printf '%s=%s/tin_%s.pt,' "$arch" "$SOURCES" "$arch"; done)
 for shard in 0 1; do
-  OMP_NUM_THREADS=1 python examples/benchmark.py --name tin_transfer \
+  OMP_NUM_THREADS=1 python benchmarks/transfer_grid.py --name tin_transfer \
     --targets "cifar10=$DATA/cifar10_32:50,cub=$DATA/cub200_2011_first50_32,omniglot=$DATA/omniglot_bg_small_32" \
     --archs "$ARCHS" --methods none,metaperturb,dropout,dropblock,manifold_mixup,info_dropout,finetune \
     --perturbations tin-conv4=hub_cards/metaperturb-tin-conv4,tin-resnet20=hub_cards/metaperturb-tin-resnet20 \
@@ -27,4 +27,4 @@ for shard in 0 1; do
     > "benchmarks/results/tin_transfer.shard$shard.log" 2>&1 &
 done
 wait
-python examples/benchmark.py --name tin_transfer --report
+python benchmarks/transfer_grid.py --name tin_transfer --report

@@ -1,4 +1,4 @@
-"""The example scripts end to end on tiny data: transfer, the resumable benchmark grid, the quick start."""
+"""The example scripts end to end on tiny data: transfer, the resumable transfer grid (benchmarks/transfer_grid.py), the quick start."""
 
 import importlib.util
 import json
@@ -10,10 +10,11 @@ from conftest_data import image_dataset
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BENCHMARKS = EXAMPLES.parent / "benchmarks"
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+def load_script(name: str, folder: Path = EXAMPLES):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -74,7 +75,7 @@ def test_transfer_script_refuses_a_file_that_is_not_a_perturbation(target, tmp_p
 
 
 def test_benchmark_grid_resumes_without_redoing_runs(target, phi_dir, tmp_path):
-    benchmark = load_script("benchmark")
+    benchmark = load_script("transfer_grid", BENCHMARKS)
     args = ["--name", "tiny", "--results-dir", str(tmp_path), "--targets", f"toy={target}:6", "--archs", "conv4",
             "--methods", "none,dropout,metaperturb", "--perturbations", f"rand={phi_dir}", "--seeds", "0,1",
             "--steps", "2", "--batch-size", "8", "--mc-samples", "2"]
@@ -109,7 +110,7 @@ def test_finetune_starts_from_a_saved_source_network(target, tmp_path):
     source = tmp_path / "source.pt"
     load_script("transfer").main(["--dataset", str(target), "--arch", "conv4", "--image-size", "16", "--method",
                                   "none", "--steps", "2", "--batch-size", "8", "--save-model", str(source)])
-    benchmark = load_script("benchmark")
+    benchmark = load_script("transfer_grid", BENCHMARKS)
     args = ["--name", "ft", "--results-dir", str(tmp_path), "--targets", f"toy={target}", "--archs", "conv4",
             "--methods", "finetune", "--seeds", "0", "--steps", "1", "--batch-size", "8"]
     with pytest.raises(ValueError, match="--source-networks"):

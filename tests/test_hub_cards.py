@@ -1,6 +1,6 @@
 """Every folder in hub_cards/ agrees with its card: weights, code copies, meta-training record and transfer results.
 
-The cards are written by examples/write_cards.py; a test here fails while a card differs from what it writes now.
+The cards are written by scripts/write_cards.py; a test here fails while a card differs from what it writes now.
 """
 
 import importlib.util
@@ -20,7 +20,7 @@ from metaperturb_hf.results import accuracy_cells, markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 CARD_FOLDERS = sorted(p for p in (ROOT / "hub_cards").iterdir() if p.is_dir())
 RELEASES = [p for p in CARD_FOLDERS if (p / "model.safetensors").is_file()]
-_spec = importlib.util.spec_from_file_location("write_cards", ROOT / "examples" / "write_cards.py")
+_spec = importlib.util.spec_from_file_location("write_cards", ROOT / "scripts" / "write_cards.py")
 write_cards = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(write_cards)
 
@@ -85,7 +85,7 @@ def test_card_numbers_are_those_of_the_records(folder, regenerated):
     results = write_cards.default_results()
     source = write_cards.source_of(folder.name)
     assert eval_cells(card) == expected_cells(results, source)
-    assert card.content == regenerated[folder].content, f"{folder.name}/README.md is stale: python examples/write_cards.py"
+    assert card.content == regenerated[folder].content, f"{folder.name}/README.md is stale: python scripts/write_cards.py"
 
 
 def test_authors_card_explains_the_conversion(official_checkpoint, tmp_path):

@@ -1,6 +1,6 @@
 """Run a transfer grid (targets × networks × methods × seeds), one JSON line per finished run, and tabulate it.
 
-    python examples/benchmark.py --name tin_transfer \
+    python benchmarks/transfer_grid.py --name tin_transfer \
         --targets cifar10=../shared/data/cifar10_32:50,cub=../shared/data/cub200_2011_first50_32 \
         --archs conv4,resnet20,vgg9 --methods none,metaperturb,dropout,dropblock,manifold_mixup,info_dropout \
         --perturbations tin-conv4=hub_cards/metaperturb-tin-conv4,tin-resnet20=hub_cards/metaperturb-tin-resnet20 \

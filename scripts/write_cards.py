@@ -1,7 +1,7 @@
 """Regenerate the model cards (README.md) of hub_cards/ from the released φ and the transfer records.
 
-    python examples/write_cards.py                      # the committed cards
-    python examples/write_cards.py --namespace my-org   # usage snippets that load my-org/<name>, to publish
+    python scripts/write_cards.py                      # the committed cards
+    python scripts/write_cards.py --namespace my-org   # usage snippets that load my-org/<name>, to publish
 
 Every folder with weights gets its card from its meta_training.json, its weights' sha256 and the transfer records
 whose `source` is the folder name without "metaperturb-" (as in `benchmark.py --perturbations
