@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration_metaperturb import MetaPerturbConfig
 from .convert import convert_official_checkpoint, convert_official_classifier
 from .injection import PerturbedModel, Site, add_perturbation, find_sites
+from .loading import load_perturbation
 from .modeling_metaperturb import MetaPerturbModel
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "convert_official_checkpoint",
     "convert_official_classifier",
     "find_sites",
+    "load_perturbation",
 ]
 
 

@@ -14,6 +14,7 @@ forward hooks: the wrapped model's module tree and its state-dict keys stay unto
 
 import json
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -24,8 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpointing import load_perturbation
 from .classifier_io import eval_mode, logits_of, repeat_chunks
+from .hub import local_folder, upload_files
+from .loading import load_perturbation
 from .modeling_metaperturb import MetaPerturbModel
 
 # Modules treated as activations. transformers wraps its own (GELUActivation, ...) in `transformers.activations`.
@@ -568,10 +570,23 @@ class PerturbedModel(SiteWrapper):
         elif single_pass_file.exists():  # an earlier, calibrated save into the same folder
             single_pass_file.unlink()
 
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
+                    commit_message: str = "Upload classifier trained with MetaPerturb") -> str:
+        """Upload what `save_pretrained` writes to `repo_id` in one commit (the repo is created if needed); returns
+        the repo's URL. A failure raises `hub.HubError` naming the step."""
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_pretrained(directory)
+            root = Path(directory)
+            files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+            return upload_files(files, repo_id, f"the perturbed {type(self.model).__name__}", commit_message,
+                                private, token)
+
     @classmethod
-    def from_pretrained(cls, directory: str | Path, model: nn.Module | None = None) -> "PerturbedModel":
-        """Load what `save_pretrained` wrote; the classifier through `AutoModelForImageClassification` by default."""
-        directory = Path(directory)
+    def from_pretrained(cls, path_or_repo_id: str | Path, model: nn.Module | None = None, *,
+                        revision: str | None = None, token: str | None = None) -> "PerturbedModel":
+        """Load what `save_pretrained` wrote, from a local folder or a hub repo id (`revision`, `token` for the hub);
+        the classifier through `AutoModelForImageClassification` by default."""
+        directory = local_folder(path_or_repo_id, revision, token)
         layout_file = directory / SITES_CONFIG_NAME
         if not layout_file.is_file():
             raise FileNotFoundError(f"{layout_file} not found: {directory} was not written by PerturbedModel.save_pretrained.")

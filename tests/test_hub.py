@@ -69,15 +69,16 @@ out["second_sha"] = phi.push_to_hub(repo, commit_message="Shift every weight").o
 out["main_sha"] = HfApi().repo_info(repo).sha
 out["at_first_state"] = state(MetaPerturbModel.from_pretrained(repo, revision=out["first_sha"]))
 out["at_main_state"] = state(AutoModel.from_pretrained(repo))
+out["load_perturbation_state"] = state(metaperturb_hf.load_perturbation(repo))
+out["load_perturbation_first_state"] = state(metaperturb_hf.load_perturbation(repo, revision=out["first_sha"]))
 torch.save(out, io / "pushed.pt")
 '''
 
 # A perturbed transformers classifier whose BatchNorm and site statistics have moved: pushed, loaded back, evaluated
-# with the deterministic "mean" noise and with sampled noise under one seed.
+# by repo id, with the deterministic "mean" noise and with sampled noise under one seed.
 _PERTURBED = r'''
 from transformers import ResNetConfig, ResNetForImageClassification
-from metaperturb_hf import add_perturbation
-from metaperturb_hf.hub import load_perturbed_model, push_perturbed_model
+from metaperturb_hf import PerturbedModel, add_perturbation
 torch.manual_seed(0)
 config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
 perturbed = add_perturbation(ResNetForImageClassification(config), MetaPerturbModel(MetaPerturbConfig(initializer_range=0.1)))
@@ -97,8 +98,8 @@ def evaluate(model):
             outputs.append(model(pixel_values=images).logits)
     return outputs
 
-out = {"url": push_perturbed_model(perturbed, sys.argv[4]), "before": evaluate(perturbed), "state_before": state(perturbed)}
-loaded = load_perturbed_model(sys.argv[4])
+out = {"url": perturbed.push_to_hub(sys.argv[4]), "before": evaluate(perturbed), "state_before": state(perturbed)}
+loaded = PerturbedModel.from_pretrained(sys.argv[4])
 out.update(after=evaluate(loaded), state_after=state(loaded), classifier=type(loaded.model).__name__)
 torch.save(out, io / "perturbed.pt")
 '''
@@ -221,6 +222,8 @@ def test_push_then_remote_code_load_without_package_gives_identical_outputs(phi_
 
 def test_package_loads_without_trust_remote_code(phi_hub):
     pushed = phi_hub["pushed"]
+    _assert_same_state(pushed["load_perturbation_state"], pushed["second_state"])   # load_perturbation(repo id)
+    _assert_same_state(pushed["load_perturbation_first_state"], pushed["first_state"])
     _assert_same_state(pushed["class_state"], pushed["first_state"])
     _assert_same_state(pushed["auto_state"], pushed["first_state"])
     assert torch.equal(pushed["class_out"], pushed["first_out"])

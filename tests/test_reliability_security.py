@@ -28,8 +28,8 @@ from test_meta_training import trainer
 from transformers import AutoConfig, AutoModel
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, PerturbedModel, convert_official_checkpoint
-from metaperturb_hf.checkpointing import load_perturbation
 from metaperturb_hf.convert import main as convert_main
+from metaperturb_hf.loading import load_perturbation
 
 
 def hostile_code(marker: Path) -> str:
@@ -70,8 +70,8 @@ import json, sys
 from pathlib import Path
 from huggingface_hub import HfApi
 from metaperturb_hf import MetaPerturbModel
-from metaperturb_hf.checkpointing import load_perturbation
 from metaperturb_hf.hub import download_repo
+from metaperturb_hf.loading import load_perturbation
 from transformers import AutoConfig, AutoModel
 
 marker, folder, evil_dir = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
