@@ -27,7 +27,8 @@ from test_hub import _env_with_package
 from test_meta_training import trainer
 from transformers import AutoConfig, AutoModel
 
-from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, PerturbedModel, convert_official_checkpoint
+from metaperturb_hf import (MetaPerturbConfig, MetaPerturbModel, PerturbationConfig, PerturbedModel,
+                            convert_official_checkpoint)
 from metaperturb_hf.convert import main as convert_main
 from metaperturb_hf.loading import load_perturbation
 
@@ -167,7 +168,8 @@ def test_a_local_phi_folder_with_hostile_code_loads_without_running_it(tmp_path,
 def test_a_perturbed_model_folder_with_a_classifier_of_unknown_type_is_refused(tmp_path, marker):
     folder = tmp_path / "perturbed"
     hostile_phi_folder(folder / "perturbation", marker)
-    (folder / "perturbation_sites.json").write_text(json.dumps({"sites": [], "channel_norm": 1, "spatial_norm": 1}))
+    (folder / "perturbation_sites.json").write_text(json.dumps({"sites": []}))
+    PerturbationConfig().save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "evil-net", "auto_map": {
         "AutoConfig": "configuration_evil.EvilConfig", "AutoModelForImageClassification": "modeling_evil.EvilModel"}}))
     for name in ("configuration_evil.py", "modeling_evil.py"):
