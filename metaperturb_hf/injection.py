@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .classifier_io import eval_mode, logits_of, repeat_chunks
+from .classifier_saving import load_classifier, save_classifier
 from .hub import local_folder, upload_files
 from .loading import load_perturbation
 from .modeling_metaperturb import MetaPerturbModel
@@ -551,16 +552,15 @@ class PerturbedModel(SiteWrapper):
         return total / passes
 
     def save_pretrained(self, save_directory: str | Path) -> None:
-        """Save φ, the config (the noise mode included), the site layout and statistics, and (for `transformers`
-        models) the classifier itself."""
+        """
+        Save everything `from_pretrained` needs: the classifier (`classifier_saving`: a `transformers` model
+        through its own `save_pretrained`, any other module as a safetensors state dict), φ in `perturbation/`, the
+        config (`perturbation_config.json`, the noise mode included), the sites, their statistics and, once
+        calibrated, the single pass's statistics.
+        """
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if not hasattr(self.model, "save_pretrained"):
-            raise TypeError(
-                f"{type(self.model).__name__} has no save_pretrained; save `perturbed.state_dict()` instead and "
-                "rebuild with add_perturbation before load_state_dict."
-            )
-        self.model.save_pretrained(directory)
+        save_classifier(self.model, directory)
         self.perturbation.save_pretrained(directory / PERTURBATION_FOLDER)
         self.perturbation_config.save_pretrained(directory)
         (directory / SITES_CONFIG_NAME).write_text(json.dumps({"sites": [asdict(site) for site in self.sites]},
@@ -588,28 +588,33 @@ class PerturbedModel(SiteWrapper):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | Path, model: nn.Module | None = None, *,
                         revision: str | None = None, token: str | None = None) -> "PerturbedModel":
-        """Load what `save_pretrained` wrote, from a local folder or a hub repo id (`revision`, `token` for the hub);
-        the classifier through `AutoModelForImageClassification` by default."""
+        """
+        Load what `save_pretrained` wrote, from a local folder or a hub repo id (`revision`, `token` for the hub).
+
+        `model`: the classifier to load the saved classifier weights into. Not needed for a `transformers` model
+        (built by `AutoModelForImageClassification`) or a reference network (`create_model`); needed for any other
+        module, as `PeftModel.from_pretrained` needs the base model. It comes back in eval mode (as from
+        transformers' `from_pretrained`), φ frozen.
+        """
         directory = local_folder(path_or_repo_id, revision, token)
         layout_file = directory / SITES_CONFIG_NAME
         if not layout_file.is_file():
             raise FileNotFoundError(f"{layout_file} not found: {directory} was not written by PerturbedModel.save_pretrained.")
+        if model is not None:
+            _refuse_wrapped(model)
         config = PerturbationConfig.from_pretrained(directory)
-        if model is None:
-            from transformers import AutoModelForImageClassification
-
-            model = AutoModelForImageClassification.from_pretrained(directory)
-        perturbation = load_perturbation(directory / PERTURBATION_FOLDER)
+        classifier = load_classifier(directory, model)
+        perturbation = load_perturbation(directory / PERTURBATION_FOLDER).requires_grad_(False)
         sites = [Site(**site) for site in json.loads(layout_file.read_text())["sites"]]
-        perturbed = cls(model, perturbation, sites, config)
+        perturbed = cls(classifier, perturbation, sites, config)
         perturbed.site_statistics.load_state_dict(load_file(directory / SITES_WEIGHTS_NAME))
         single_pass_file = directory / SINGLE_PASS_WEIGHTS_NAME
         if single_pass_file.is_file():
             state = load_file(single_pass_file)
-            store = SinglePassStatistics(_running_norms(model), float(state["noise_coeff"]))
+            store = SinglePassStatistics(_running_norms(classifier), float(state["noise_coeff"]))
             store.load_state_dict(state)
             perturbed.single_pass_statistics = store
-        return perturbed
+        return perturbed.eval()
 
 
 def _model_inputs(batch, device) -> tuple[tuple, dict]:
