@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import BatchSampler, load_image_dataset, normalize, subsample_per_class, to_tensors
 from metaperturb_hf.evaluation import evaluate, normalized_batches
-from metaperturb_hf.methods import apply_method, build_classifier, load_perturbation
+from metaperturb_hf.methods import apply_method, build_classifier
 from metaperturb_hf.transfer import TransferConfig, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import load_image_dataset, normalize, to_tensors
-from metaperturb_hf.methods import apply_method, build_classifier, load_perturbation
+from metaperturb_hf.methods import apply_method, build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 PERTURBATIONS = {

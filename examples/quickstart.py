@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
+from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import ImageTensors
-from metaperturb_hf.methods import load_perturbation, run_transfer
+from metaperturb_hf.methods import run_transfer
 from metaperturb_hf.transfer import TransferConfig
 
 DEFAULT_PERTURBATION = Path(__file__).resolve().parents[1] / "hub_cards" / "metaperturb-tin-conv4"

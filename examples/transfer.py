@@ -19,8 +19,9 @@ import json
 import statistics
 from pathlib import Path
 
+from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import load_image_dataset, subsample_per_class, to_tensors
-from metaperturb_hf.methods import METHODS, load_perturbation, run_transfer
+from metaperturb_hf.methods import METHODS, run_transfer
 from metaperturb_hf.transfer import TransferConfig
 
 

@@ -6,12 +6,13 @@ import pkgutil
 
 from transformers import AutoConfig, AutoModel
 
+from ._version import __version__
 from .configuration_metaperturb import MetaPerturbConfig
 from .convert import convert_official_checkpoint, convert_official_classifier
 from .injection import PerturbedModel, Site, add_perturbation, find_sites
+from .loading import load_perturbation
 from .modeling_metaperturb import MetaPerturbModel
-
-__version__ = "0.1.0"
+from .perturbation_config import PerturbationConfig
 
 AutoConfig.register(MetaPerturbConfig.model_type, MetaPerturbConfig, exist_ok=True)
 AutoModel.register(MetaPerturbConfig, MetaPerturbModel, exist_ok=True)
@@ -22,12 +23,14 @@ MetaPerturbModel.register_for_auto_class("AutoModel")
 __all__ = [
     "MetaPerturbConfig",
     "MetaPerturbModel",
+    "PerturbationConfig",
     "PerturbedModel",
     "Site",
     "add_perturbation",
     "convert_official_checkpoint",
     "convert_official_classifier",
     "find_sites",
+    "load_perturbation",
 ]
 
 

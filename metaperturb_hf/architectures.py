@@ -6,7 +6,8 @@ module structure follows fixed conventions, because code that inspects networks 
 - every activation is its own `nn.ReLU()` instance, called once per forward;
 - plain layers are `conv -> BatchNorm -> ReLU`, so the input of each ReLU is a BatchNorm output;
 - every residual block has a child `shortcut` (an empty `nn.Sequential` for identity), and only residual blocks do;
-- conv nets keep their blocks in `features` and their head in `classifier`; ResNets have `stem`, `layer1..3`, `fc`.
+- conv nets keep their blocks in `features` and their head in `classifier`; ResNets have `stem`, `layer1..3`, `fc`;
+- every network carries `create_model_args`, the arguments that build it again (a saved perturbed model needs them).
 """
 
 from collections.abc import Callable, Sequence
@@ -86,6 +87,9 @@ def create_model(name: str, num_classes: int, image_size: int = 32, in_channels:
         )
     model = entry.build(num_classes, image_size, in_channels, **kwargs)
     model.apply(_init_weights)
+    # What builds the same network again; a saved PerturbedModel rebuilds its classifier from it.
+    model.create_model_args = {"name": name, "num_classes": num_classes, "image_size": image_size,
+                               "in_channels": in_channels, **kwargs}
     return model
 
 

@@ -6,9 +6,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-
-from .modeling_metaperturb import MetaPerturbModel
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -81,18 +78,3 @@ def load_error_reason(error: Exception) -> str:
 def load_trusted(path: Path):
     """Load a checkpoint file of tensors and plain containers; never unpickles arbitrary objects."""
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_perturbation(folder: str | os.PathLike) -> MetaPerturbModel:
-    """`MetaPerturbModel.from_pretrained(folder)` (which refuses missing, unexpected and NaN weights), also refusing
-    weights stored as integers, which transformers would convert silently."""
-    weights = Path(folder) / "model.safetensors"
-    if weights.is_file():
-        try:
-            with safe_open(weights, framework="pt") as file:
-                stored = {name: file.get_slice(name).get_dtype() for name in file.keys()}
-        except SafetensorError:
-            stored = {}  # unreadable: from_pretrained below reads it the same way and says which file and what to do
-        if not_float := {name: dtype for name, dtype in stored.items() if dtype not in ("F16", "BF16", "F32", "F64")}:
-            raise ValueError(f"{weights} stores {not_float}; the weights of a perturbation function are floats.")
-    return MetaPerturbModel.from_pretrained(folder)

@@ -1,29 +1,28 @@
-"""Publishing to the Hugging Face Hub: perturbation functions with their model cards, and perturbed classifiers.
+"""The Hugging Face Hub: publishing perturbation functions with their model cards, and fetching what a loader needs.
 
 A push builds its card in memory and uploads it in the same commit as the weights, so the local folder is never
 changed, whether the push works or not. Pushes and downloads that fail raise `HubError`, which names the step or
 file that failed, the repository, the endpoint and the reason (HTTP status and server message, or the connection
-error).
+error). Loaders take a local folder or a repo id alike (`local_folder`, `local_file`).
 """
 
 import hashlib
 import json
 import re
 import statistics
-import tempfile
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
 
-from .injection import PerturbedModel
-from .meta_training import META_TRAINING_FILE
 from .results import accuracy_cells, markdown_table
 
 LIBRARY_NAME = "metaperturb-hf"
 TAGS = ["metaperturb", "meta-learning", "regularization", "image-classification"]
 CARD_NAME = "README.md"
 WEIGHTS_NAME = "model.safetensors"
+# What meta-training writes beside φ; a card's meta-training table is made from it.
+META_TRAINING_FILE = "meta_training.json"
 # What a released φ folder holds besides its card, by exact name (a glob would also pick up checkpoints/.../x.py).
 RELEASE_FILES = ("config.json", WEIGHTS_NAME, "configuration_metaperturb.py", "modeling_metaperturb.py",
                  META_TRAINING_FILE)
@@ -233,7 +232,7 @@ def card_for_folder(folder: str | Path, model_name: str, results: dict[str, list
 
 
 # ------------------------------------------------------------------------------------------------------------- push
-def _push(files: dict[str, Path | bytes], repo_id: str, what: str, message: str, private: bool, token) -> str:
+def upload_files(files: dict[str, Path | bytes], repo_id: str, what: str, message: str, private: bool, token) -> str:
     """Create `repo_id` if needed and upload `files` ({path in repo: local file or bytes}) in one commit."""
     api = HfApi(token=token)
     step = "creating the repository"
@@ -260,18 +259,7 @@ def push_perturbation_folder(folder: str | Path, repo_id: str, private: bool = F
     files = {name: folder / name for name in RELEASE_FILES if (folder / name).is_file()}
     readme = folder / CARD_NAME
     files[CARD_NAME] = readme if readme.is_file() else card_for_folder(folder, repo_id).content.encode()
-    return _push(files, repo_id, str(folder), "Upload MetaPerturb perturbation function", private, token)
-
-
-def push_perturbed_model(perturbed: PerturbedModel, repo_id: str, private: bool = False,
-                         token: str | None = None) -> str:
-    """Upload a perturbed `transformers` classifier (classifier, φ, site layout and statistics) in one commit."""
-    with tempfile.TemporaryDirectory() as directory:
-        perturbed.save_pretrained(directory)
-        root = Path(directory)
-        files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
-        return _push(files, repo_id, f"the perturbed {type(perturbed.model).__name__}",
-                     "Upload classifier trained with MetaPerturb", private, token)
+    return upload_files(files, repo_id, str(folder), "Upload MetaPerturb perturbation function", private, token)
 
 
 # --------------------------------------------------------------------------------------------------------- download
@@ -294,7 +282,39 @@ def download_repo(repo_id: str, revision: str | None = None, token: str | None =
     return Path(path).parents[len(PurePosixPath(name).parts) - 1]
 
 
-def load_perturbed_model(repo_id: str, revision: str | None = None, token: str | None = None,
-                         model=None) -> PerturbedModel:
-    """What `push_perturbed_model` uploaded, loaded back (the classifier by AutoModelForImageClassification)."""
-    return PerturbedModel.from_pretrained(download_repo(repo_id, revision, token), model=model)
+# A hub repo id: "name" or "namespace/name".
+_REPO_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")
+
+
+def _repo_id(path_or_repo_id: str | Path) -> str:
+    """`path_or_repo_id` as a repo id, once it is known not to be a local folder."""
+    if isinstance(path_or_repo_id, Path) or not _REPO_ID.fullmatch(str(path_or_repo_id)):
+        raise FileNotFoundError(f"No folder {str(path_or_repo_id)!r}, and it is not a hub repo id (namespace/name).")
+    return str(path_or_repo_id)
+
+
+def local_folder(path_or_repo_id: str | Path, revision: str | None = None, token: str | None = None) -> Path:
+    """A local folder as it is; a repo id downloaded whole (`download_repo`) into the hub cache."""
+    if Path(path_or_repo_id).is_dir():
+        return Path(path_or_repo_id)
+    repo_id = _repo_id(path_or_repo_id)
+    try:
+        return download_repo(repo_id, revision, token)
+    except HubError as error:
+        raise HubError(f"There is no local folder {repo_id!r}, and as a hub repo: {error}") from error
+
+
+def local_file(path_or_repo_id: str | Path, filename: str, revision: str | None = None,
+               token: str | None = None) -> Path:
+    """One file of a local folder or of a hub repo (from the cache when it is there, as hf_hub_download does)."""
+    if Path(path_or_repo_id).is_dir():
+        path = Path(path_or_repo_id) / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found.")
+        return path
+    repo_id = _repo_id(path_or_repo_id)
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, token=token))
+    except Exception as error:
+        raise HubError(f"There is no local folder {repo_id!r}, and downloading {filename} from {repo_id}@"
+                       f"{revision or 'main'} on {constants.ENDPOINT} failed: {_reason(error)}.") from error

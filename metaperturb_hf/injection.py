@@ -8,15 +8,17 @@ A *site* is a tensor in the forward pass that the perturbation multiplies (docs/
   pre-activation WRNs). Activations inside blocks and in the stem are not sites.
 
 Sites are found from one probe forward pass, so they work with any module tree (the reference networks,
-`transformers` CNNs, torchvision/timm ResNets, MLPs) without knowing its classes. A perturbation is attached with
-forward hooks: the wrapped model's module tree and its state-dict keys stay untouched, and `unwrap()` removes it.
+`transformers` CNNs, torchvision/timm ResNets, MLPs) without knowing its classes; a `PerturbationConfig` says which
+of them to take. A perturbation is attached with forward hooks: the wrapped model's module tree and its state-dict
+keys stay untouched, and `unwrap()` removes it.
 """
 
 import json
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import chain
 from pathlib import Path
 
@@ -24,9 +26,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpointing import load_perturbation
 from .classifier_io import eval_mode, logits_of, repeat_chunks
+from .classifier_saving import load_classifier, save_classifier
+from .hub import local_folder, upload_files
+from .loading import load_perturbation
 from .modeling_metaperturb import MetaPerturbModel
+from .perturbation_config import PerturbationConfig
 
 # Modules treated as activations. transformers wraps its own (GELUActivation, ...) in `transformers.activations`.
 ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish)
@@ -161,21 +166,16 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def select_sites(
-    sites: list[Site], select: str = "all", num_sites: int | None = None
-) -> list[Site]:
+def _select(sites: list[Site], config: PerturbationConfig) -> list[Site]:
     """Keep all sites, the bottom/top `num_sites`, or `num_sites` at each end ("top_bottom")."""
-    if select == "all":
+    count = config.num_sites
+    if config.select == "all":
         return list(sites)
-    if select not in ("bottom", "top", "top_bottom"):
-        raise ValueError(f"select must be 'all', 'bottom', 'top' or 'top_bottom', got {select!r}.")
-    if not num_sites or num_sites < 1:
-        raise ValueError(f"select={select!r} needs num_sites >= 1 (how many sites to keep at each chosen end).")
-    if select == "bottom":
-        return sites[:num_sites]
-    if select == "top":
-        return sites[-num_sites:]
-    keep = set(range(num_sites)) | set(range(len(sites) - num_sites, len(sites)))
+    if config.select == "bottom":
+        return sites[:count]
+    if config.select == "top":
+        return sites[-count:]
+    keep = set(range(count)) | set(range(len(sites) - count, len(sites)))
     return [site for index, site in enumerate(sites) if index in keep]
 
 
@@ -188,8 +188,6 @@ def _match_sites(model: nn.Module, example_inputs, candidates: list[Site], sites
             names = [name for name, _ in model.named_modules() if name and pattern.fullmatch(name)]
             chosen = _output_sites(model, example_inputs, names)
     else:
-        if all(isinstance(site, Site) for site in sites):
-            return list(sites)
         by_name = {site.name: site for site in candidates}
         others = [name for name in sites if name not in by_name]
         outputs = {site.name: site for site in _output_sites(model, example_inputs, others)}
@@ -354,7 +352,9 @@ class PerturbedModel(SiteWrapper):
 
     The forward takes what the wrapped model takes. State-dict keys: `model.*` (unchanged wrapped keys),
     `perturbation.*` (φ, once) and `site_statistics.<site>.running_{mean,var}`; once the single pass is calibrated,
-    also `single_pass_statistics.*`.
+    also `single_pass_statistics.*`. `perturbation_config` is the `PerturbationConfig` it was placed by (the noise
+    mode lives there); `channel_norm` and `spatial_norm` the C_norm and H_norm it uses. Saved and loaded as PEFT
+    saves adapters: `save_pretrained`, `from_pretrained` (a folder or a hub repo id), `push_to_hub`.
 
     Noise modes in evaluation: `"sample"` draws fresh noise as the authors' code does (average several passes with
     `predict_proba`); `"mean"` is a deterministic single pass that replaces the noise z by its expectation
@@ -373,15 +373,17 @@ class PerturbedModel(SiteWrapper):
         model: nn.Module,
         perturbation: MetaPerturbModel,
         sites: list[Site],
-        channel_norm: float,
-        spatial_norm: float,
+        config: PerturbationConfig | None = None,
     ):
         super().__init__(model, sites)
         self.perturbation = perturbation
-        self.channel_norm = float(channel_norm)
-        self.spatial_norm = float(spatial_norm)
+        # Not `config`: transformers code (Trainer, classifier_io) reads a model's `config` as the classifier's.
+        self.perturbation_config = config if config is not None else PerturbationConfig()
+        # C_norm and H_norm: the config's, else the largest among the chosen sites (docs/sites.md).
+        channel_norm, spatial_norm = self.perturbation_config.channel_norm, self.perturbation_config.spatial_norm
+        self.channel_norm = float(max(s.channels for s in self.sites)) if channel_norm is None else channel_norm
+        self.spatial_norm = float(max(s.spatial_size for s in self.sites)) if spatial_norm is None else spatial_norm
         self.noise_coeff = 1.0
-        self.noise_mode = "sample"
         num_filters = perturbation.config.num_stat_filters
         self.site_statistics = nn.ModuleDict(
             {key: SiteStatistics(site.channels, num_filters) for key, site in zip(self.site_keys, self.sites)}
@@ -512,10 +514,17 @@ class PerturbedModel(SiteWrapper):
             raise ValueError(f"noise_coeff must lie in [0, 1], got {noise_coeff}.")
         self.noise_coeff = float(noise_coeff)
 
+    @property
+    def noise_mode(self) -> str:
+        """Evaluation noise: "sample" (as the authors) or "mean" (deterministic single pass); kept in the config."""
+        return self.perturbation_config.noise_mode
+
+    @noise_mode.setter
+    def noise_mode(self, mode: str) -> None:
+        self.perturbation_config = replace(self.perturbation_config, noise_mode=mode)  # validated there
+
     def set_noise_mode(self, mode: str) -> None:
         """Evaluation noise: "sample" (as the authors) or "mean" (deterministic single pass)."""
-        if mode not in ("sample", "mean"):
-            raise ValueError(f"noise mode must be 'sample' or 'mean', got {mode!r}.")
         self.noise_mode = mode
 
     @torch.no_grad()
@@ -543,22 +552,19 @@ class PerturbedModel(SiteWrapper):
         return total / passes
 
     def save_pretrained(self, save_directory: str | Path) -> None:
-        """Save φ, the site layout and statistics, and (for `transformers` models) the classifier itself."""
+        """
+        Save everything `from_pretrained` needs: the classifier (`classifier_saving`: a `transformers` model
+        through its own `save_pretrained`, any other module as a safetensors state dict), φ in `perturbation/`, the
+        config (`perturbation_config.json`, the noise mode included), the sites, their statistics and, once
+        calibrated, the single pass's statistics.
+        """
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if not hasattr(self.model, "save_pretrained"):
-            raise TypeError(
-                f"{type(self.model).__name__} has no save_pretrained; save `perturbed.state_dict()` instead and "
-                "rebuild with add_perturbation before load_state_dict."
-            )
-        self.model.save_pretrained(directory)
+        save_classifier(self.model, directory)
         self.perturbation.save_pretrained(directory / PERTURBATION_FOLDER)
-        layout = {
-            "sites": [asdict(site) for site in self.sites],
-            "channel_norm": self.channel_norm,
-            "spatial_norm": self.spatial_norm,
-        }
-        (directory / SITES_CONFIG_NAME).write_text(json.dumps(layout, indent=2))
+        self.perturbation_config.save_pretrained(directory)
+        (directory / SITES_CONFIG_NAME).write_text(json.dumps({"sites": [asdict(site) for site in self.sites]},
+                                                              indent=2))
         save_file({name: tensor.contiguous() for name, tensor in self.site_statistics.state_dict().items()},
                   directory / SITES_WEIGHTS_NAME)
         single_pass_file = directory / SINGLE_PASS_WEIGHTS_NAME
@@ -568,28 +574,47 @@ class PerturbedModel(SiteWrapper):
         elif single_pass_file.exists():  # an earlier, calibrated save into the same folder
             single_pass_file.unlink()
 
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
+                    commit_message: str = "Upload classifier trained with MetaPerturb") -> str:
+        """Upload what `save_pretrained` writes to `repo_id` in one commit (the repo is created if needed); returns
+        the repo's URL. A failure raises `hub.HubError` naming the step."""
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_pretrained(directory)
+            root = Path(directory)
+            files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+            return upload_files(files, repo_id, f"the perturbed {type(self.model).__name__}", commit_message,
+                                private, token)
+
     @classmethod
-    def from_pretrained(cls, directory: str | Path, model: nn.Module | None = None) -> "PerturbedModel":
-        """Load what `save_pretrained` wrote; the classifier through `AutoModelForImageClassification` by default."""
-        directory = Path(directory)
+    def from_pretrained(cls, path_or_repo_id: str | Path, model: nn.Module | None = None, *,
+                        revision: str | None = None, token: str | None = None) -> "PerturbedModel":
+        """
+        Load what `save_pretrained` wrote, from a local folder or a hub repo id (`revision`, `token` for the hub).
+
+        `model`: the classifier to load the saved classifier weights into. Not needed for a `transformers` model
+        (built by `AutoModelForImageClassification`) or a reference network (`create_model`); needed for any other
+        module, as `PeftModel.from_pretrained` needs the base model. It comes back in eval mode (as from
+        transformers' `from_pretrained`), φ frozen.
+        """
+        directory = local_folder(path_or_repo_id, revision, token)
         layout_file = directory / SITES_CONFIG_NAME
         if not layout_file.is_file():
             raise FileNotFoundError(f"{layout_file} not found: {directory} was not written by PerturbedModel.save_pretrained.")
-        if model is None:
-            from transformers import AutoModelForImageClassification
-
-            model = AutoModelForImageClassification.from_pretrained(directory)
-        perturbation = load_perturbation(directory / PERTURBATION_FOLDER)
-        layout = json.loads(layout_file.read_text())
-        sites = [Site(**site) for site in layout["sites"]]
-        perturbed = cls(model, perturbation, sites, layout["channel_norm"], layout["spatial_norm"])
+        if model is not None:
+            _refuse_wrapped(model)
+        config = PerturbationConfig.from_pretrained(directory)
+        classifier = load_classifier(directory, model)
+        perturbation = load_perturbation(directory / PERTURBATION_FOLDER).requires_grad_(False)
+        sites = [Site(**site) for site in json.loads(layout_file.read_text())["sites"]]
+        perturbed = cls(classifier, perturbation, sites, config)
         perturbed.site_statistics.load_state_dict(load_file(directory / SITES_WEIGHTS_NAME))
         single_pass_file = directory / SINGLE_PASS_WEIGHTS_NAME
         if single_pass_file.is_file():
             state = load_file(single_pass_file)
-            perturbed.single_pass_statistics = SinglePassStatistics(_running_norms(model), float(state["noise_coeff"]))
-            perturbed.single_pass_statistics.load_state_dict(state)
-        return perturbed
+            store = SinglePassStatistics(_running_norms(classifier), float(state["noise_coeff"]))
+            store.load_state_dict(state)
+            perturbed.single_pass_statistics = store
+        return perturbed.eval()
 
 
 def _model_inputs(batch, device) -> tuple[tuple, dict]:
@@ -634,23 +659,26 @@ def default_example_inputs(model: nn.Module, input_size: Sequence[int] | None = 
     return torch.randn(2, *input_size, dtype=reference.dtype, device=reference.device)
 
 
-def resolve_sites(
-    model: nn.Module,
-    sites="auto",
-    select: str = "all",
-    num_sites: int | None = None,
-    example_inputs=None,
-    input_size: Sequence[int] | None = None,
-) -> list[Site]:
-    """The sites a wrapper attaches to: detected, matched by name or pattern, then selected (see add_perturbation)."""
+def _refuse_wrapped(model: nn.Module) -> None:
     if is_wrapped(model):
         raise ValueError(
             f"This {type(model).__name__} already carries a perturbation or regularizer; call unwrap() on it first."
         )
+
+
+def resolve_sites(
+    model: nn.Module,
+    config: PerturbationConfig,
+    *,
+    example_inputs=None,
+    input_size: Sequence[int] | None = None,
+) -> list[Site]:
+    """The sites a wrapper attaches to by `config`: detected, matched by name or pattern, then selected."""
+    _refuse_wrapped(model)
     if example_inputs is None:
         example_inputs = default_example_inputs(model, input_size)
     detected = find_sites(model, example_inputs)
-    if isinstance(sites, str) and sites == "auto":
+    if config.sites == "auto":
         if not detected:
             raise ValueError(
                 f"No perturbation site found in {type(model).__name__}: it has no activation modules (nn.ReLU, ...) "
@@ -658,47 +686,37 @@ def resolve_sites(
             )
         chosen = detected
     else:
-        chosen = _match_sites(model, example_inputs, detected, sites)
+        chosen = _match_sites(model, example_inputs, detected, config.sites)
         if not chosen:
-            raise ValueError(f"sites={sites!r} matched no site or module of {type(model).__name__}.")
-    return select_sites(chosen, select, num_sites)
+            raise ValueError(f"sites={config.sites!r} matched no site or module of {type(model).__name__}.")
+    return _select(chosen, config)
 
 
 def add_perturbation(
     model: nn.Module,
     perturbation: MetaPerturbModel,
-    sites="auto",
-    select: str = "all",
-    num_sites: int | None = None,
+    config: PerturbationConfig | None = None,
+    *,
     example_inputs=None,
     input_size: Sequence[int] | None = None,
-    channel_norm: float | None = None,
-    spatial_norm: float | None = None,
     trainable: bool = False,
+    **config_fields,
 ) -> PerturbedModel:
     r"""
-    Plug `perturbation` into `model` and return the wrapped model.
+    Plug `perturbation` into `model` and return the wrapped model (as PEFT's `get_peft_model`).
 
     Args:
         model: any classifier (reference network, `transformers` CNN, torchvision/timm ResNet, MLP).
         perturbation: the shared φ. It is frozen unless `trainable=True` (meta-training).
-        sites: `"auto"` (the rules of docs/sites.md), a regex matched in full against site names (or, if none
-            matches, module names, whose outputs are then perturbed), a list of site or module names, or a list of
-            `Site`s.
-        select: among the chosen sites keep `"all"`, the `"bottom"`/`"top"` `num_sites`, or `"top_bottom"`.
+        config: where φ goes and how it runs (`PerturbationConfig`: sites, select, num_sites, channel_norm,
+            spatial_norm, noise_mode); or give those fields as keywords instead, e.g. `select="top", num_sites=2`.
+            Giving both is refused.
         example_inputs: what to call the model with for the probe pass (a tensor, or a dict of keyword inputs);
             defaults to a random batch of `input_size` (C, H, W), 3×32×32 unless the model's config says otherwise.
-        channel_norm, spatial_norm: C_norm and H_norm; by default the largest channel count and spatial size among
-            the chosen sites.
     """
     if not isinstance(perturbation, nn.Module) or getattr(getattr(perturbation, "config", None), "model_type", None) != "metaperturb":
         raise TypeError(f"perturbation must be a MetaPerturbModel, got {type(perturbation).__name__}.")
-    chosen = resolve_sites(model, sites, select, num_sites, example_inputs, input_size)
+    config = PerturbationConfig.build(config, **config_fields)
+    chosen = resolve_sites(model, config, example_inputs=example_inputs, input_size=input_size)
     perturbation.requires_grad_(trainable)
-    return PerturbedModel(
-        model,
-        perturbation,
-        chosen,
-        channel_norm if channel_norm is not None else max(site.channels for site in chosen),
-        spatial_norm if spatial_norm is not None else max(site.spatial_size for site in chosen),
-    )
+    return PerturbedModel(model, perturbation, chosen, config)

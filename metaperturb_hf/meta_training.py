@@ -32,12 +32,12 @@ from . import checkpointing
 from .architectures import create_model, list_models
 from .configuration_metaperturb import MetaPerturbConfig
 from .data import BatchSampler
+from .hub import META_TRAINING_FILE
 from .injection import add_perturbation
+from .loading import load_perturbation
 from .modeling_metaperturb import MetaPerturbModel
 from .tasks import Task
 from .tracking import JsonlTracker
-
-META_TRAINING_FILE = "meta_training.json"
 
 
 @dataclass
@@ -507,7 +507,7 @@ class MetaTrainer:
             raise ValueError(f"{checkpoint / 'trainer_state.pt'} is not a trainer state; nothing was restored.")
         if state["num_tasks"] != self.num_tasks:
             raise ValueError(f"{checkpoint} was written for {state['num_tasks']} tasks, this run has {self.num_tasks}.")
-        saved_phi = self._read_checkpoint_file(checkpoint, "perturbation", checkpointing.load_perturbation)
+        saved_phi = self._read_checkpoint_file(checkpoint, "perturbation", load_perturbation)
         task_states = {
             learner: self._read_checkpoint_file(checkpoint, f"task-{learner.task.task_id}.pt",
                                                 checkpointing.load_trusted)

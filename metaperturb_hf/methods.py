@@ -23,18 +23,6 @@ METHODS = ("none", "metaperturb", *REGULARIZERS, "finetune")
 CALIBRATION_BATCHES = 50
 
 
-def load_perturbation(path_or_repo: str | Path) -> MetaPerturbModel:
-    """φ from a save_pretrained folder or hub repo, or converted from the authors' `.pth`."""
-    if str(path_or_repo).endswith(".pth"):
-        from .convert import convert_official_checkpoint
-
-        return convert_official_checkpoint(path_or_repo)
-    phi = MetaPerturbModel.from_pretrained(path_or_repo)
-    if getattr(phi.config, "model_type", None) != "metaperturb":
-        raise ValueError(f"{path_or_repo} holds a {phi.config.model_type!r} model, not a MetaPerturb perturbation function.")
-    return phi
-
-
 def save_state_dict(model: nn.Module, path: str | Path) -> None:
     """torch.save under a temporary name, then rename: a killed run never leaves a truncated file at `path`."""
     path = Path(path)

@@ -19,6 +19,7 @@ from torch import nn
 
 from .classifier_io import classifier_logits, input_name_for
 from .injection import Site, SiteWrapper, resolve_sites
+from .perturbation_config import PLACEMENT_FIELDS, PerturbationConfig
 
 __all__ = [
     "REGULARIZERS",
@@ -238,23 +239,25 @@ REGULARIZERS: dict[str, type[RegularizedModel]] = {
 def add_regularizer(
     model: nn.Module,
     name: str,
+    config: PerturbationConfig | None = None,
+    *,
     example_inputs=None,
     input_size: Sequence[int] | None = None,
-    sites="auto",
-    select: str = "all",
-    num_sites: int | None = None,
     input_name: str = "pixel_values",
     **options,
 ) -> RegularizedModel:
     r"""
     Attach the baseline `name` (a key of `REGULARIZERS`) at MetaPerturb's sites of `model` and return the wrapper.
 
-    `example_inputs`, `input_size`, `sites`, `select` and `num_sites` mean what they mean in
-    `injection.add_perturbation`, so a baseline can be placed exactly where MetaPerturb is. `input_name` is the
-    keyword `training_loss` passes images under to a `transformers` model. `options` go to the regularizer
-    (dropout: `p`; dropblock: `drop_prob`, `block_size`; manifold_mixup: `alpha`; info_dropout: `beta`, `max_alpha`).
+    `config` (a `PerturbationConfig`, e.g. the one of a MetaPerturb run) or the keywords `sites`, `select` and
+    `num_sites` choose the sites, and `example_inputs` and `input_size` run the probe pass, as in
+    `injection.add_perturbation`, so a baseline is placed exactly where MetaPerturb is; only the config's placement
+    fields are read. `input_name` is the keyword `training_loss` passes images under to a `transformers` model.
+    The other `options` go to the regularizer (dropout: `p`; dropblock: `drop_prob`, `block_size`; manifold_mixup:
+    `alpha`; info_dropout: `beta`, `max_alpha`).
     """
     if name not in REGULARIZERS:
         raise ValueError(f"Unknown regularizer {name!r}; available: {', '.join(sorted(REGULARIZERS))}.")
-    chosen = resolve_sites(model, sites, select, num_sites, example_inputs, input_size)
+    config = PerturbationConfig.build(config, **{key: options.pop(key) for key in PLACEMENT_FIELDS if key in options})
+    chosen = resolve_sites(model, config, example_inputs=example_inputs, input_size=input_size)
     return REGULARIZERS[name](model, chosen, input_name=input_name, **options)

@@ -69,18 +69,22 @@ out["second_sha"] = phi.push_to_hub(repo, commit_message="Shift every weight").o
 out["main_sha"] = HfApi().repo_info(repo).sha
 out["at_first_state"] = state(MetaPerturbModel.from_pretrained(repo, revision=out["first_sha"]))
 out["at_main_state"] = state(AutoModel.from_pretrained(repo))
+out["load_perturbation_state"] = state(metaperturb_hf.load_perturbation(repo))
+out["load_perturbation_first_state"] = state(metaperturb_hf.load_perturbation(repo, revision=out["first_sha"]))
 torch.save(out, io / "pushed.pt")
 '''
 
-# A perturbed transformers classifier whose BatchNorm and site statistics have moved: pushed, loaded back, evaluated
-# with the deterministic "mean" noise and with sampled noise under one seed.
+# A perturbed transformers classifier whose BatchNorm and site statistics have moved, placed by a config and left in
+# "mean" mode: pushed, loaded back by repo id, evaluated with the deterministic "mean" noise and with sampled noise
+# under one seed.
 _PERTURBED = r'''
 from transformers import ResNetConfig, ResNetForImageClassification
-from metaperturb_hf import add_perturbation
-from metaperturb_hf.hub import load_perturbed_model, push_perturbed_model
+from metaperturb_hf import PerturbationConfig, PerturbedModel, add_perturbation
 torch.manual_seed(0)
 config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
-perturbed = add_perturbation(ResNetForImageClassification(config), MetaPerturbModel(MetaPerturbConfig(initializer_range=0.1)))
+placement = PerturbationConfig(select="top", num_sites=1, channel_norm=32, noise_mode="mean")
+resnet = ResNetForImageClassification(config)
+perturbed = add_perturbation(resnet, MetaPerturbModel(MetaPerturbConfig(initializer_range=0.1)), placement)
 images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
 perturbed.train()
 with torch.no_grad():
@@ -97,9 +101,12 @@ def evaluate(model):
             outputs.append(model(pixel_values=images).logits)
     return outputs
 
-out = {"url": push_perturbed_model(perturbed, sys.argv[4]), "before": evaluate(perturbed), "state_before": state(perturbed)}
-loaded = load_perturbed_model(sys.argv[4])
-out.update(after=evaluate(loaded), state_after=state(loaded), classifier=type(loaded.model).__name__)
+out = {"url": perturbed.push_to_hub(sys.argv[4]), "placement": placement.to_dict()}
+out.update(before=evaluate(perturbed), state_before=state(perturbed))
+loaded = PerturbedModel.from_pretrained(sys.argv[4])
+out.update(loaded_placement=loaded.perturbation_config.to_dict(), classifier=type(loaded.model).__name__,
+           config_by_repo_id=PerturbationConfig.from_pretrained(sys.argv[4]).to_dict())
+out.update(after=evaluate(loaded), state_after=state(loaded))
 torch.save(out, io / "perturbed.pt")
 '''
 
@@ -221,6 +228,8 @@ def test_push_then_remote_code_load_without_package_gives_identical_outputs(phi_
 
 def test_package_loads_without_trust_remote_code(phi_hub):
     pushed = phi_hub["pushed"]
+    _assert_same_state(pushed["load_perturbation_state"], pushed["second_state"])   # load_perturbation(repo id)
+    _assert_same_state(pushed["load_perturbation_first_state"], pushed["first_state"])
     _assert_same_state(pushed["class_state"], pushed["first_state"])
     _assert_same_state(pushed["auto_state"], pushed["first_state"])
     assert torch.equal(pushed["class_out"], pushed["first_out"])
@@ -257,6 +266,9 @@ def test_perturbed_classifier_pushed_and_loaded_back_gives_identical_eval_output
     hub, perturbed = phi_hub["hub"], phi_hub["perturbed"]
     assert perturbed["url"] == f"{hub.endpoint}/{PERTURBED_REPO}"
     assert perturbed["classifier"] == "ResNetForImageClassification"
+    # The config came back as it was pushed, the noise mode included; and on its own by repo id.
+    assert perturbed["loaded_placement"] == perturbed["config_by_repo_id"] == perturbed["placement"]
+    assert perturbed["placement"]["noise_mode"] == "mean" and perturbed["placement"]["format_version"] == 1
     _assert_same_state(perturbed["state_after"], perturbed["state_before"])
     means = [v for k, v in perturbed["state_before"].items() if k.startswith("site_statistics.") and k.endswith("_mean")]
     assert means and all(v.abs().sum() > 0 for v in means)   # the site statistics left their initial zeros
@@ -265,7 +277,7 @@ def test_perturbed_classifier_pushed_and_loaded_back_gives_identical_eval_output
     assert not torch.equal(*perturbed["before"])
     files = hub.server.files(PERTURBED_REPO)
     assert {"config.json", "model.safetensors", "perturbation/config.json", "perturbation/model.safetensors",
-            "perturbation_sites.json", "perturbation_sites.safetensors"} <= set(files)
+            "perturbation_config.json", "perturbation_sites.json", "perturbation_sites.safetensors"} <= set(files)
     assert len(hub.server.commit_shas(PERTURBED_REPO)) == 2   # initial commit + one upload commit
 
 

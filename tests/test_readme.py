@@ -3,6 +3,10 @@
 import re
 from pathlib import Path
 
+import torch
+
+from metaperturb_hf import PerturbationConfig
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -16,4 +20,10 @@ def test_usage_example_runs(official_checkpoint, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["probs"].shape == (4, 10)
     assert (tmp_path / "metaperturb-tin-resnet20" / "model.safetensors").is_file()
-    assert (tmp_path / "perturbed-resnet" / "perturbation_sites.json").is_file()
+    for name in ("perturbation_config.json", "perturbation_sites.json", "config.json", "model.safetensors"):
+        assert (tmp_path / "perturbed-resnet" / name).is_file(), name
+    model, loaded = namespace["model"], namespace["loaded"]
+    assert loaded.perturbation_config == model.perturbation_config == PerturbationConfig(noise_mode="mean")
+    assert loaded.sites == model.sites and loaded.single_pass_calibrated
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -24,8 +24,8 @@ from test_meta_training import trainer
 from transformers import AutoConfig, AutoModel
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, convert_official_checkpoint
-from metaperturb_hf.checkpointing import load_perturbation
 from metaperturb_hf.convert import main as convert_main
+from metaperturb_hf.loading import load_perturbation
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FIELDS = ["kernel_size", "num_stat_filters", "stat_momentum", "clip_value", "initializer_range"]

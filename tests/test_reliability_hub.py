@@ -5,7 +5,7 @@ and a missing repo. Here the other steps fail, one at a time, each followed by t
 
 - push (`push_perturbation_folder`): creating the repo, preupload (the commit is test_hub.py's); a failed LFS batch
   or LFS upload is retried by the client itself, which is checked too;
-- download (`download_repo`, then `checkpointing.load_perturbation`): the repo lookup (500, dropped), a file's
+- download (`download_repo`, then `loading.load_perturbation`): the repo lookup (500, dropped), a file's
   metadata (404, dropped), its content (404; a dropped one is resumed by the client itself).
 
 What holds: every failure is a `HubError` naming the step or file, the repository, the endpoint and the reason; the
@@ -39,8 +39,8 @@ os.environ.update(hub_env(server.endpoint, root / "hf_home"))
 
 import torch
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel
-from metaperturb_hf.checkpointing import load_perturbation
 from metaperturb_hf.hub import download_repo, push_perturbation_folder
+from metaperturb_hf.loading import load_perturbation
 
 cache = root / "hf_home" / "hub"
 

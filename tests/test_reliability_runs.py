@@ -31,6 +31,7 @@ import torch
 from test_meta_training import assert_same_phi, trainer
 
 from metaperturb_hf import checkpointing
+from metaperturb_hf.loading import load_perturbation
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -280,7 +281,7 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(runs
     assert staging.is_dir() and not checkpointing.checkpoint_path(checkpoints, plan["write_step"]).exists(), context
     previous = checkpointing.latest_checkpoint(checkpoints)
     assert previous == checkpointing.checkpoint_path(checkpoints, plan["write_step"] - EVERY), context
-    assert torch.isfinite(checkpointing.load_perturbation(previous / "perturbation").scale_weight).all()
+    assert torch.isfinite(load_perturbation(previous / "perturbation").scale_weight).all()
     resumed = resume_to_the_end(root / f"write-{where}")
     assert_same_phi(reference, resumed.phi.state_dict(), atol=1e-6)
     rewritten = checkpointing.checkpoint_path(checkpoints, plan["write_step"])

@@ -27,9 +27,10 @@ from test_hub import _env_with_package
 from test_meta_training import trainer
 from transformers import AutoConfig, AutoModel
 
-from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, PerturbedModel, convert_official_checkpoint
-from metaperturb_hf.checkpointing import load_perturbation
+from metaperturb_hf import (MetaPerturbConfig, MetaPerturbModel, PerturbationConfig, PerturbedModel,
+                            convert_official_checkpoint)
 from metaperturb_hf.convert import main as convert_main
+from metaperturb_hf.loading import load_perturbation
 
 
 def hostile_code(marker: Path) -> str:
@@ -70,8 +71,8 @@ import json, sys
 from pathlib import Path
 from huggingface_hub import HfApi
 from metaperturb_hf import MetaPerturbModel
-from metaperturb_hf.checkpointing import load_perturbation
 from metaperturb_hf.hub import download_repo
+from metaperturb_hf.loading import load_perturbation
 from transformers import AutoConfig, AutoModel
 
 marker, folder, evil_dir = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
@@ -167,7 +168,8 @@ def test_a_local_phi_folder_with_hostile_code_loads_without_running_it(tmp_path,
 def test_a_perturbed_model_folder_with_a_classifier_of_unknown_type_is_refused(tmp_path, marker):
     folder = tmp_path / "perturbed"
     hostile_phi_folder(folder / "perturbation", marker)
-    (folder / "perturbation_sites.json").write_text(json.dumps({"sites": [], "channel_norm": 1, "spatial_norm": 1}))
+    (folder / "perturbation_sites.json").write_text(json.dumps({"sites": []}))
+    PerturbationConfig().save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "evil-net", "auto_map": {
         "AutoConfig": "configuration_evil.EvilConfig", "AutoModelForImageClassification": "modeling_evil.EvilModel"}}))
     for name in ("configuration_evil.py", "modeling_evil.py"):

@@ -456,7 +456,8 @@ class MetaPerturbModel(PreTrainedModel):
             hidden_states: features of shape (B, C, H, W), or (B, C) for MLP features (treated as (B, C, 1, 1)).
             running_mean, running_var: the site's running statistics, shape (C, num_stat_filters). Updated in place
                 in training mode; used instead of the batch statistics in evaluation mode.
-            channel_norm, spatial_norm: C_norm and H_norm of the network (largest channel count / spatial size).
+            channel_norm, spatial_norm: C_norm and H_norm of the descriptors C / C_norm and H / H_norm (a wrapped
+                model's default: the largest channel count / spatial size among its chosen sites).
             noise_coeff: κ in [0, 1]; 0 returns the input unchanged, 1 gives `s ⊙ z ⊙ h`.
             noise: the standard-normal draw ε (same shape as `hidden_states`); sampled when omitted.
             clip_value: upper clamp of the output, or None for no clamp.
