@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser, ResNetConfig, ResNetForImageClassification, Trainer, TrainingArguments
 
-from metaperturb_hf import add_perturbation
+from metaperturb_hf import add_perturbation, load_perturbation
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.data import augment, load_image_dataset, normalize, to_tensors
 from metaperturb_hf.evaluation import evaluate
-from metaperturb_hf.methods import load_perturbation
 from metaperturb_hf.transfer import MetaPerturbCallback
 
 
