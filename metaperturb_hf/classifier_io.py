@@ -7,8 +7,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-# Most images in one forward pass when a batch is repeated for its noise draws.
-MAX_REPEATED_BATCH = 4096
+# Most images in one forward pass when a batch is repeated for its noise draws. Stacking saves the per-pass overhead
+# of small batches; beyond a few hundred images a pass no longer fits in cache and separate passes are faster on CPU
+# (MC-5 over a batch of 128 stacked 5-fold cost 8.5× a single pass, `benchmarks/fused_ab.py`).
+MAX_REPEATED_BATCH = 256
 
 
 def logits_of(output) -> torch.Tensor:
@@ -41,7 +43,7 @@ def repeat_chunks(batch_size: int, draws: int) -> Iterator[int]:
     """How many copies of a batch to stack in each forward pass so that `draws` copies run in all.
 
     In eval mode every layer uses running statistics, so copies side by side in one batch are independent draws;
-    one big pass is several times faster than many small ones.
+    small batches are stacked up to `MAX_REPEATED_BATCH` images per pass, larger ones run one pass per draw.
     """
     per_pass = max(1, min(draws, MAX_REPEATED_BATCH // max(batch_size, 1)))
     remaining = draws

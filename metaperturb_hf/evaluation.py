@@ -7,8 +7,8 @@ or it attacks one random draw instead of the model. Everything else (plain class
 `*ForImageClassification`, a `PerturbedModel` in "mean" mode) is deterministic in eval mode and gets one pass.
 
 In eval mode every layer uses running statistics, so the K draws of one image are independent whether they run
-in K passes or side by side in one batch; the K draws are therefore run as the batch repeated along dim 0, at
-most `MAX_REPEATED_BATCH` images per forward pass.
+in K passes or side by side in one batch; small batches are therefore repeated along dim 0, at most
+`MAX_REPEATED_BATCH` images per forward pass (`classifier_io.repeat_chunks`), larger ones take one pass per draw.
 """
 
 from __future__ import annotations
@@ -79,18 +79,20 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 def _predict(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int, input_name: str | None):
-    """Softmax probabilities of every batch, concatenated; MC-averaged over the noise draws of stochastic models."""
+    """Softmax probabilities of every batch, concatenated; a `PerturbedModel` averages them over its noise draws
+    (`PerturbedModel.predict_proba`, the one Monte-Carlo path)."""
     draws = _num_draws(model, num_samples)
     input_name = input_name_for(model, input_name)
     outputs = []
     with eval_mode(model), torch.no_grad():
         for batch in batches:
-            device = _model_device(model, batch.device)
-            images = batch.to(device)
-            total = 0.0
-            for copies in repeat_chunks(len(images), draws):
-                total = total + _repeated_logits(model, images, copies, input_name).float().softmax(-1).sum(0)
-            outputs.append((total / draws).to(batch.device))
+            images = batch.to(_model_device(model, batch.device))
+            if isinstance(model, PerturbedModel):
+                inputs = ({input_name: images}, ()) if input_name else ({}, (images,))
+                probs = model.predict_proba(*inputs[1], num_samples=draws, **inputs[0])
+            else:
+                probs = _logits(model, images, input_name).float().softmax(-1)
+            outputs.append(probs.to(batch.device))
     if not outputs:
         raise ValueError("No images to predict: the input is empty.")
     return torch.cat(outputs)
