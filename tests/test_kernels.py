@@ -25,12 +25,12 @@ def run(phi, kernel, h, noise, *, training=True, kappa=1.0, clip=None, seed=None
     x = h.clone().requires_grad_()
     generator = torch.Generator().manual_seed(1)
     channels = h.shape[1]
-    mean = torch.rand(channels, 4, generator=generator, dtype=h.dtype)
-    var = torch.rand(channels, 4, generator=generator, dtype=h.dtype)
+    mean = torch.rand(channels, 4, generator=generator, dtype=h.dtype).to(h.device)
+    var = torch.rand(channels, 4, generator=generator, dtype=h.dtype).to(h.device)
     if seed is not None:
         torch.manual_seed(seed)
     out = phi(x, mean, var, 64, 32, noise_coeff=kappa, noise=noise, clip_value=clip, kernel=kernel)
-    upstream = torch.randn(out.shape, generator=generator, dtype=h.dtype)
+    upstream = torch.randn(out.shape, generator=generator, dtype=h.dtype).to(h.device)
     (out * upstream).sum().backward()
     grads = {name: p.grad for name, p in phi.named_parameters()}
     return {"output": out.detach(), "running_mean": mean, "running_var": var, "input": x.grad, **grads}
@@ -161,7 +161,7 @@ def _eager_mu(phi, h):
 def test_expected_noise_and_other_precisions_use_eager(fused_kernel, monkeypatch):
     """What the kernel does not implement is routed to eager even when it is forced."""
     calls = []
-    monkeypatch.setattr(fused_kernel, "perturb", lambda *args: calls.append(args))
+    monkeypatch.setattr(fused_kernel, "perturb", lambda *args, **kwargs: calls.append(args))
     phi = make_phi()
     h = torch.randn(2, 3, 4, 4)
     phi.eval()(h, torch.zeros(3, 4), torch.ones(3, 4), 8, 8, expected_noise=True, kernel="cpu")
@@ -172,7 +172,7 @@ def test_expected_noise_and_other_precisions_use_eager(fused_kernel, monkeypatch
 def test_kernel_choice_comes_from_the_call_the_model_or_the_environment(fused_kernel, monkeypatch):
     calls = []
     original = fused_kernel.perturb
-    monkeypatch.setattr(fused_kernel, "perturb", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(fused_kernel, "perturb", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     phi = make_phi()
     h, stats = torch.randn(2, 3, 4, 4), (torch.zeros(3, 4), torch.ones(3, 4))
     monkeypatch.setenv("METAPERTURB_KERNEL", "eager")
@@ -185,12 +185,12 @@ def test_kernel_choice_comes_from_the_call_the_model_or_the_environment(fused_ke
     assert calls == [1, 1]
     monkeypatch.setenv("METAPERTURB_KERNEL", "gpu")
     phi.kernel = None
-    with pytest.raises(ValueError, match="'auto', 'eager' or 'cpu'"):
+    with pytest.raises(ValueError, match="'auto', 'eager', 'cpu' or 'triton'"):
         phi(h, *stats, 8, 8)
 
 
 def test_a_kernel_that_cannot_be_built_falls_back_with_one_log_line(fused_kernel, monkeypatch, caplog):
-    monkeypatch.setattr(fused_kernel, "_state", {"error": "RuntimeError: no C++ compiler"})
+    monkeypatch.setitem(fused_kernel._states, "cpu", {"error": "RuntimeError: no C++ compiler"})
     phi = make_phi()
     h, noise, stats = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), (torch.zeros(3, 4), torch.ones(3, 4))
     with caplog.at_level(logging.WARNING, logger=fused_kernel.__name__):
@@ -204,19 +204,19 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_log_line(fused_kernel
 
 @pytest.mark.parametrize("outcome, reason", [("differs", "output differs by 1"), ("raises", "RuntimeError: boom")])
 def test_a_kernel_that_fails_its_self_check_is_not_used(fused_kernel, monkeypatch, outcome, reason):
-    def check():
+    def check(kernel):
         if outcome == "raises":
             raise RuntimeError("boom")
         return reason
 
-    monkeypatch.setattr(fused_kernel, "_state", {"extension": fused_kernel._extension()})
+    monkeypatch.setitem(fused_kernel._states, "cpu", {"module": fused_kernel._extension()})
     monkeypatch.setattr(fused_kernel, "_compare_with_eager", check)
     assert fused_kernel.availability() == f"failed its self-check against eager ({reason})"
     assert fused_kernel.availability() == f"failed its self-check against eager ({reason})"  # settled, not retried
 
 
 def test_the_self_check_waits_for_a_call_outside_torch_func(fused_kernel, monkeypatch):
-    monkeypatch.setattr(fused_kernel, "_state", {"extension": fused_kernel._extension()})
+    monkeypatch.setitem(fused_kernel._states, "cpu", {"module": fused_kernel._extension()})
     phi = make_phi()
     h = torch.randn(2, 3, 4, 4)
     parameters = tuple(phi.parameters())
@@ -225,9 +225,9 @@ def test_the_self_check_waits_for_a_call_outside_torch_func(fused_kernel, monkey
     settings = _Settings(1.0, None, (0.5, 0.5), False, 8, True, 0.1, False, False)
     chosen = torch.func.grad(lambda x: (fused_kernel.select("auto", x, parameters, torch.zeros(3, 4), torch.ones(3, 4),
                                                             None, settings) is None) * x.sum())(h)
-    assert torch.equal(chosen, torch.ones_like(h)) and "checked" not in fused_kernel._state
+    assert torch.equal(chosen, torch.ones_like(h)) and "checked" not in fused_kernel._states["cpu"]
     assert fused_kernel.select("auto", h, parameters, torch.zeros(3, 4), torch.ones(3, 4), None, settings) is not None
-    assert fused_kernel._state["checked"] is True
+    assert fused_kernel._states["cpu"]["checked"] is True
 
 
 class NoisySite(nn.Module):
