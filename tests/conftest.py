@@ -9,6 +9,10 @@ import torch
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Without a GPU, Triton (where installed) runs φ's kernels on CPU tensors through its interpreter, which has to be on
+# before triton is first imported (torch.compile imports it): test_triton_kernels.py runs that way.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(os.environ.get("METAPERTURB_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REFERENCE = SHARED / "reference"

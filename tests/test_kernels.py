@@ -1,4 +1,7 @@
-"""φ's fused CPU kernel against the eager path: outputs, running statistics, every gradient, drawn noise, compile."""
+"""φ's fused CPU kernel against the eager path: outputs, running statistics, every gradient, drawn noise, compile.
+
+The checks take the kernel and the device, so that `test_triton_kernels.py` runs the same ones on the Triton kernel.
+"""
 
 import logging
 
@@ -63,92 +66,117 @@ CASES = {
     "512_channels": ((2, 512, 3, 5), True, 1.0, None, True, torch.float32),
     "64_channels_32x32": ((2, 64, 32, 32), True, 1.0, None, True, torch.float32),
     "16_channels_32x32_contiguous": ((4, 16, 32, 32), True, 0.3, None, False, torch.float32),
+    "rows_across_tiles": ((2, 16, 9, 11), True, 0.3, None, False, torch.float32),  # Triton: a tile ends mid-row
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_fused_kernel_matches_eager_with_explicit_noise(case):
+def check_case(case, kernel, device="cpu"):
+    """One CASES entry on `kernel` against eager, with the same explicit noise."""
     shape, training, kappa, clip, channels_last, dtype = CASES[case]
-    phi = make_phi(dtype)
+    phi = make_phi(dtype).to(device)
     generator = torch.Generator().manual_seed(2)
-    h = torch.randn(shape, generator=generator, dtype=dtype) * 2
+    h = (torch.randn(shape, generator=generator, dtype=dtype) * 2).to(device)
     if channels_last:
         h = h.contiguous(memory_format=torch.channels_last)
-    noise = torch.randn(shape, generator=generator, dtype=dtype)
+    noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
     options = dict(training=training, kappa=kappa, clip=clip)
-    fused, eager = run(phi, "cpu", h, noise, **options), run(phi, "eager", h, noise, **options)
+    fused, eager = run(phi, kernel, h, noise, **options), run(phi, "eager", h, noise, **options)
     if clip is not None and clip < 1:
         assert (eager["output"] == clip).any(), "the clamp must be reached for this case to test it"
     assert_same(fused, eager)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_fused_kernel_matches_eager_with_explicit_noise(case):
+    check_case(case, "cpu")
+
+
+def check_flat_features(kernel, device="cpu"):
+    phi = make_phi().to(device)
+    h, noise = torch.randn(6, 20, device=device), torch.randn(6, 20, device=device)
+    assert_same(run(phi, kernel, h, noise), run(phi, "eager", h, noise))
+
+
 def test_flat_features_match_eager():
-    phi = make_phi()
-    h, noise = torch.randn(6, 20), torch.randn(6, 20)
-    assert_same(run(phi, "cpu", h, noise), run(phi, "eager", h, noise))
+    check_flat_features("cpu")
+
+
+def normals(kernel, like, seed):
+    """The noise that `kernel` draws for features like `like` from `seed` (a tensor on their device)."""
+    from metaperturb_hf import kernels
+
+    return kernels._extension(kernel).normals(like, seed)
+
+
+def check_standard_normal_draws(kernel, device="cpu"):
+    like = torch.empty(16, 32, 16, 16, device=device)
+    draws = normals(kernel, like, torch.tensor(11, device=device))
+    assert abs(draws.mean().item()) < 0.01 and abs(draws.var().item() - 1) < 0.01
+    assert abs((draws.abs() > 2).float().mean().item() - 0.0455) < 0.002  # the tails of N(0, 1), not just 2 moments
+    assert torch.equal(draws, normals(kernel, like, torch.tensor(11, device=device)))
+    assert not torch.equal(draws, normals(kernel, like, torch.tensor(12, device=device)))
 
 
 def test_drawn_noise_is_standard_normal_and_fixed_by_the_seed(fused_kernel):
-    like = torch.empty(16, 32, 16, 16)
-    draws = fused_kernel._extension().normals(like, torch.tensor(11))
-    assert abs(draws.mean().item()) < 0.01 and abs(draws.var().item() - 1) < 0.01
-    assert abs((draws.abs() > 2).float().mean().item() - 0.0455) < 0.002  # the tails of N(0, 1), not just 2 moments
-    assert torch.equal(draws, fused_kernel._extension().normals(like, torch.tensor(11)))
-    assert not torch.equal(draws, fused_kernel._extension().normals(like, torch.tensor(12)))
+    check_standard_normal_draws("cpu")
+
+
+def call_seed(seed, device="cpu"):
+    """The seed a fused call draws after `torch.manual_seed(seed)`."""
+    torch.manual_seed(seed)
+    return torch.randint(2**62, (), dtype=torch.int64, device=device)
+
+
+def check_backward_sees_the_forward_noise(kernel, device="cpu", tolerance=1e-10):
+    """A drawn call equals an eager call given the noise of that call's seed, gradients included: the backward
+    regenerated the forward's ε (it stores none)."""
+    phi = make_phi(torch.float64).to(device)
+    h = torch.randn(4, 8, 6, 6, dtype=torch.float64, device=device).contiguous(memory_format=torch.channels_last)
+    drawn = run(phi, kernel, h, None, kappa=0.8, seed=5)
+    noise = normals(kernel, h, call_seed(5, device))
+    assert_same(drawn, run(phi, "eager", h, noise, kappa=0.8), tolerance=tolerance)
 
 
 def test_backward_sees_the_noise_of_the_forward(fused_kernel):
-    """A drawn call equals an eager call given the noise of that call's seed, gradients included: the backward
-    regenerated the forward's ε (it stores none)."""
-    phi = make_phi(torch.float64)
-    h = torch.randn(4, 8, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    drawn = run(phi, "cpu", h, None, kappa=0.8, seed=5)
-    torch.manual_seed(5)
-    seed = torch.randint(2**62, (), dtype=torch.int64)  # what the fused path draws for its call
-    noise = fused_kernel._extension().normals(h, seed)
-    assert_same(drawn, run(phi, "eager", h, noise, kappa=0.8), tolerance=1e-10)
+    check_backward_sees_the_forward_noise("cpu")
 
 
-def test_manual_seed_reproduces_a_run_and_seeds_differ():
-    phi = make_phi()
-    h = torch.randn(4, 8, 6, 6)
-    first, again, other = (run(phi, "cpu", h, None, seed=seed) for seed in (3, 3, 4))
+def check_manual_seed(kernel, device="cpu"):
+    """`torch.manual_seed` reproduces a drawn call exactly, another seed draws other noise, and the memory layout
+    does not change the draw."""
+    phi = make_phi().to(device)
+    h = torch.randn(4, 8, 6, 6, device=device)
+    first, again, other = (run(phi, kernel, h, None, seed=seed) for seed in (3, 3, 4))
     for name in first:
         if first[name] is not None:
             assert torch.equal(first[name], again[name]), name
     assert not torch.allclose(first["output"], other["output"])
+    channels_last = run(phi, kernel, h.contiguous(memory_format=torch.channels_last), None, seed=3)
+    torch.testing.assert_close(channels_last["output"], first["output"], rtol=0, atol=0)
 
 
-def test_memory_layout_does_not_change_the_draw():
-    phi = make_phi()
-    h = torch.randn(3, 8, 5, 5)
-    contiguous = run(phi, "cpu", h, None, seed=9)
-    channels_last = run(phi, "cpu", h.contiguous(memory_format=torch.channels_last), None, seed=9)
-    torch.testing.assert_close(contiguous["output"], channels_last["output"], rtol=0, atol=0)
+def test_manual_seed_reproduces_a_run_seeds_differ_and_the_layout_does_not_matter():
+    check_manual_seed("cpu")
 
 
-def test_checkpointing_and_monitor_agree_with_the_plain_call():
-    phi = make_phi()
-    h = torch.randn(4, 8, 6, 6)
-    plain = run(phi, "cpu", h, None, seed=2)
+def check_checkpointing_and_monitor(kernel, device="cpu"):
+    phi = make_phi().to(device)
+    h = torch.randn(4, 8, 6, 6, device=device)
+    plain = run(phi, kernel, h, None, seed=2)
     phi.gradient_checkpointing, phi.monitor = True, []
-    checkpointed = run(phi, "cpu", h, None, seed=2)
+    checkpointed = run(phi, kernel, h, None, seed=2)
     phi.gradient_checkpointing = False
     assert_same(checkpointed, plain, tolerance=0)
     (scale_mean, noise_mean), = phi.monitor
     phi.monitor = None
     h_channel_last = h.contiguous(memory_format=torch.channels_last)
-    torch.manual_seed(2)
-    seed = torch.randint(2**62, (), dtype=torch.int64)
-    z = F.softplus(_eager_mu(phi, h_channel_last) + phi_noise(h_channel_last, seed))
+    z = F.softplus(_eager_mu(phi, h_channel_last) + normals(kernel, h_channel_last, call_seed(2, device)))
     torch.testing.assert_close(noise_mean, z.mean(), rtol=1e-5, atol=1e-6)
     assert 0 < scale_mean < 1
 
 
-def phi_noise(like, seed):
-    from metaperturb_hf import kernels
-
-    return kernels._extension().normals(like, seed)
+def test_checkpointing_and_monitor_agree_with_the_plain_call():
+    check_checkpointing_and_monitor("cpu")
 
 
 def _eager_mu(phi, h):
@@ -243,18 +271,25 @@ class NoisySite(nn.Module):
         return self.second(self.phi(self.first(x), self.mean, self.var, 8, 8, noise=noise, clip_value=100.0))
 
 
-def test_torch_compile_traces_through_phi_and_matches_eager():
+def check_compile(kernel, device="cpu", **options):
+    """A network around φ compiled with `options` (fullgraph: a graph break is an error) gives eager's gradients."""
     torch.manual_seed(0)
-    model = NoisySite(make_phi()).train()
-    x, noise = torch.randn(4, 3, 6, 6), torch.randn(4, 8, 6, 6)
+    phi = make_phi()
+    phi.kernel = kernel
+    model = NoisySite(phi).to(device).train()
+    x, noise = torch.randn(4, 3, 6, 6, device=device), torch.randn(4, 8, 6, 6, device=device)
 
     def step(function):
         model.zero_grad()
         function(x, noise).square().sum().backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    compiled = torch.compile(model, fullgraph=True, **options)
     torch.testing.assert_close(step(compiled), step(model), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_traces_through_phi_and_matches_eager():
+    check_compile("cpu", backend="aot_eager")
 
 
 def test_torch_compile_of_a_perturbed_network_draws_the_eager_noise(monkeypatch):

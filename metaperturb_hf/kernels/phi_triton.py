@@ -16,7 +16,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 _TILE = 1024  # elements in a (pixels × channels) tile
-_NOISE_BLOCK = 1024
+_NOISE_BLOCK = 4096
 _STAT_BLOCK = 1024  # elements in a (batch × channels) block of the statistics kernels, times four filters
 _FILTERS = 4
 _FEATURES = 2 * _FILTERS + 2  # mean × 4, var × 4, channel and size descriptors
@@ -71,18 +71,13 @@ def _equivariant(ptr, sb, sc, sh, sw, lam_ptr, gam_ptr, b, i, j, c, pm, cm, H, W
 @triton.jit
 def _responses(x_ptr, sb, sc, sh, sw, stat_ptr, b, i, j, c, pm, cm, H, W,
                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """K_k ⋆ x for the four statistics filters."""
-    r0 = tl.zeros((BLOCK_P, BLOCK_C), x_ptr.dtype.element_ty)
-    r1 = tl.zeros((BLOCK_P, BLOCK_C), x_ptr.dtype.element_ty)
-    r2 = tl.zeros((BLOCK_P, BLOCK_C), x_ptr.dtype.element_ty)
-    r3 = tl.zeros((BLOCK_P, BLOCK_C), x_ptr.dtype.element_ty)
+    """K_k ⋆ x for the four statistics filters, as a (pixels, channels, filters) block."""
+    k = tl.arange(0, 4)
+    responses = tl.zeros((BLOCK_P, BLOCK_C, 4), x_ptr.dtype.element_ty)
     for t in tl.static_range(9):
         v = _at(x_ptr, sb, sc, sh, sw, b, i + (t // 3 - 1), j + (t % 3 - 1), c, pm, cm, H, W)
-        r0 += tl.load(stat_ptr + t) * v
-        r1 += tl.load(stat_ptr + 9 + t) * v
-        r2 += tl.load(stat_ptr + 18 + t) * v
-        r3 += tl.load(stat_ptr + 27 + t) * v
-    return r0, r1, r2, r3
+        responses += v[:, :, None] * tl.load(stat_ptr + 9 * k + t)[None, None, :]
+    return responses
 
 
 @triton.jit
@@ -116,18 +111,15 @@ def _hidden_kernel(x_ptr, xb, xc, xh, xw, lam_ptr, gam_ptr, stat_ptr, hidden_ptr
     pre = _equivariant(x_ptr, xb, xc, xh, xw, lam_ptr, gam_ptr, b, i, j, c, pm, cm, H, W, C, 0.0, hidden_ptr, 1, False,
                        BLOCK_P, BLOCK_C)
     _put(hidden_ptr, H * W * C, 1, W * C, C, b, i, j, c, pm, cm, tl.maximum(pre, 0))
+    k = tl.arange(0, 4)
     if STATS:
-        r0, r1, r2, r3 = _responses(x_ptr, xb, xc, xh, xw, stat_ptr, b, i, j, c, pm, cm, H, W, BLOCK_P, BLOCK_C)
-        out = pooled_ptr + (row * C + c) * 4
-        tl.store(out, tl.sum(tl.maximum(r0, 0), axis=0) / (H * W), mask=cm)
-        tl.store(out + 1, tl.sum(tl.maximum(r1, 0), axis=0) / (H * W), mask=cm)
-        tl.store(out + 2, tl.sum(tl.maximum(r2, 0), axis=0) / (H * W), mask=cm)
-        tl.store(out + 3, tl.sum(tl.maximum(r3, 0), axis=0) / (H * W), mask=cm)
+        responses = _responses(x_ptr, xb, xc, xh, xw, stat_ptr, b, i, j, c, pm, cm, H, W, BLOCK_P, BLOCK_C)
+        tl.store(pooled_ptr + (row * C + c)[:, None] * 4 + k[None, :],
+                 tl.sum(tl.maximum(responses, 0), axis=0) / (H * W), mask=cm[:, None])
     if ACTIVE:
-        r0, r1, r2, r3 = _responses(x_ptr, xb, xc, xh, xw, stat_ptr, b, i, j, c, pm, cm, H, W, BLOCK_P, BLOCK_C)
-        bits = ((r0 > 0).to(tl.uint8) | ((r1 > 0).to(tl.uint8) << 1) | ((r2 > 0).to(tl.uint8) << 2)
-                | ((r3 > 0).to(tl.uint8) << 3))
-        _put(active_ptr, H * W * C, 1, W * C, C, b, i, j, c, pm, cm, bits)
+        responses = _responses(x_ptr, xb, xc, xh, xw, stat_ptr, b, i, j, c, pm, cm, H, W, BLOCK_P, BLOCK_C)
+        bits = tl.sum((responses > 0).to(tl.int32) << k[None, None, :], axis=2)  # distinct bits: the sum is an or
+        _put(active_ptr, H * W * C, 1, W * C, C, b, i, j, c, pm, cm, bits.to(tl.uint8))
 
 
 @triton.jit
@@ -257,15 +249,15 @@ def _hidden_grad_kernel(grad_mu_ptr, hidden_ptr, lam_ptr, gam_ptr, partial_ptr, 
 def _statistics_grad(active_ptr, grad_pooled_ptr, stat_ptr, center, partial_ptr, b, i, j, c, pm, cm, H, W, C,
                      PARTIALS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Σ_k K_kᵀ ⋆ a_k, a_k = [K_k ⋆ x > 0] · ∂u_k (one value per map); PARTIALS: K_k's gradients over the tile."""
+    k = tl.arange(0, 4)
+    grad_pooled = tl.load(grad_pooled_ptr + (b * C + c)[:, None] * 4 + k[None, :], mask=cm[:, None], other=0)
     acc = tl.zeros((BLOCK_P, BLOCK_C), center.dtype)
     for t in tl.static_range(9):
         bits = _at(active_ptr, H * W * C, 1, W * C, C, b, i - (t // 3 - 1), j - (t % 3 - 1), c, pm, cm, H, W)
-        for k in tl.static_range(4):
-            grad_pooled = tl.load(grad_pooled_ptr + (b * C + c) * 4 + k, mask=cm, other=0)
-            a = ((bits >> k) & 1).to(center.dtype) * grad_pooled[None, :]
-            acc += tl.load(stat_ptr + 9 * k + t) * a
-            if PARTIALS:
-                tl.store(partial_ptr + 9 * k + t, tl.sum(a * center))
+        a = ((bits.to(tl.int32)[:, :, None] >> k[None, None, :]) & 1).to(center.dtype) * grad_pooled[None, :, :]
+        acc += tl.sum(a * tl.load(stat_ptr + 9 * k + t)[None, None, :], axis=2)
+        if PARTIALS:
+            tl.store(partial_ptr + 9 * k + t, tl.sum(tl.sum(a * center[:, :, None], axis=0), axis=0))
     return acc
 
 
