@@ -10,7 +10,7 @@ OUT="${OUT:-benchmarks/results}"; mkdir -p "$OUT"
 nvidia-smi -L || exit 1
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name().lower().replace('nvidia', '').split()[0])") || exit 1
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" || exit 1
-# Each kernel compiles once per shape and flag set (a few seconds each): the check is bounded, the benchmark runs anyway.
+# Each kernel compiles once per shape and flag set (seconds each): the check is bounded; the benchmark runs anyway.
 timeout "${CHECK_TIMEOUT_S:-300}" python -m pytest tests/test_triton_kernels.py -q -rs -p no:cacheprovider 2>&1 |
   tee "$OUT/triton_check_$gpu.log"
 check=${PIPESTATUS[0]}

@@ -21,11 +21,11 @@ def make_phi(dtype=torch.float32):
     return MetaPerturbModel(MetaPerturbConfig(initializer_range=0.3)).to(dtype)
 
 
-def run(phi, kernel, h, noise, *, training=True, kappa=1.0, clip=None, seed=None):
+def run(phi, kernel, h, noise, *, training=True, kappa=1.0, clip=None, seed=None, input_grad=True):
     """Output, running statistics and the gradients of input, λ, γ, K, w for one call with the given path."""
     phi.train(training)
     phi.zero_grad()
-    x = h.clone().requires_grad_()
+    x = h.clone().requires_grad_(input_grad)
     generator = torch.Generator().manual_seed(1)
     channels = h.shape[1]
     mean = torch.rand(channels, 4, generator=generator, dtype=h.dtype).to(h.device)
@@ -99,6 +99,21 @@ def check_flat_features(kernel, device="cpu"):
 
 def test_flat_features_match_eager():
     check_flat_features("cpu")
+
+
+def check_only_the_wanted_gradients(kernel, device="cpu"):
+    """A frozen φ (transfer: only the input's gradient) and features that need none (only φ's)."""
+    phi = make_phi().to(device)
+    h, noise = torch.randn(3, 6, 5, 5, device=device), torch.randn(3, 6, 5, 5, device=device)
+    for frozen in (True, False):
+        phi.requires_grad_(not frozen)
+        assert_same(run(phi, kernel, h, noise, clip=1.0, input_grad=frozen),
+                    run(phi, "eager", h, noise, clip=1.0, input_grad=frozen))
+    phi.requires_grad_(True)
+
+
+def test_only_the_wanted_gradients():
+    check_only_the_wanted_gradients("cpu")
 
 
 def normals(kernel, like, seed):

@@ -1,8 +1,8 @@
 """φ's Triton kernels against the eager path: the CPU kernel's checks (test_kernels.py) on the Triton kernel.
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, which conftest.py sets
-before triton is imported), which does not compile them: the last test compiles each for an sm_90 GPU. With a GPU they run on CUDA
-tensors, and CUDA-graph capture and inductor's max-autotune are tried as well.
+before triton is imported), which does not compile them: the last test compiles each for an sm_90 GPU. With a GPU
+they run on CUDA tensors, and CUDA-graph capture and inductor's max-autotune are tried as well.
 """
 
 import collections
@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from test_kernels import (CASES, check_backward_sees_the_forward_noise, check_case,  # noqa: E402
                           check_checkpointing_and_monitor, check_compile, check_flat_features, check_manual_seed,
-                          check_standard_normal_draws, make_phi)
+                          check_only_the_wanted_gradients, check_standard_normal_draws, make_phi)
 
 from metaperturb_hf import kernels  # noqa: E402
 
@@ -32,16 +32,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def triton_calls():
-    """Loads the Triton kernel (under the interpreter without a GPU: conftest.py turns it on) and self-checks it;
-    counts its forward and backward calls, so that a test can tell it ran and not eager."""
-    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU, and Triton's interpreter is off (TRITON_INTERPRET)")
+def triton_calls(triton_kernel):
+    """Counts the Triton kernel's forward and backward calls, so that a test can tell it ran and not eager."""
     with pytest.MonkeyPatch.context() as patch:
         # eager's float32 convolutions must not round to TF32 on the GPU, or no comparison holds to 1e-5
         patch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        problem = kernels.availability("triton")
-        assert problem is None, f"the Triton kernel {problem}"
         module = kernels._extension("triton")
         assert module.INTERPRETED != CUDA, "phi_triton was imported before TRITON_INTERPRET was set (or unset)"
         calls = collections.Counter()
@@ -66,6 +61,10 @@ def test_triton_kernel_matches_eager_with_explicit_noise(case, ran_triton):
 
 def test_flat_features_match_eager(ran_triton):
     check_flat_features("triton", DEVICE)
+
+
+def test_only_the_wanted_gradients(ran_triton):
+    check_only_the_wanted_gradients("triton", DEVICE)
 
 
 def test_drawn_noise_is_standard_normal_and_fixed_by_the_seed():

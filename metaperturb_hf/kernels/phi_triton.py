@@ -10,13 +10,16 @@ scale's, the hidden layer's, the input's; kernel gradients are per-tile partial 
 index ((b·H + i)·W + j)·C + c, so the backward regenerates it. Nothing here waits for the device.
 """
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 _TILE = 1024  # elements in a (pixels × channels) tile
-_NOISE_BLOCK = 4096
+_NOISE_BLOCK = 4096  # elements per program of the noise kernel
 _STAT_BLOCK = 1024  # elements in a (batch × channels) block of the statistics kernels, times four filters
 _FILTERS = 4
 _FEATURES = 2 * _FILTERS + 2  # mean × 4, var × 4, channel and size descriptors
@@ -123,10 +126,18 @@ def _hidden_kernel(x_ptr, xb, xc, xh, xw, lam_ptr, gam_ptr, stat_ptr, hidden_ptr
 
 
 @triton.jit
+def _batch_block(start, c, cm, B, C, BLOCK_B: tl.constexpr):
+    """Offsets and mask of the (images start.., channels c, filters) block of a (B, C, 4) tensor."""
+    b = start + tl.arange(0, BLOCK_B)
+    offsets = (b[:, None, None] * C + c[None, :, None]) * 4 + tl.arange(0, 4)[None, None, :]
+    return offsets, (b < B)[:, None, None] & cm[None, :, None]
+
+
+@triton.jit
 def _scale_kernel(pooled_ptr, mean_ptr, var_ptr, weight_ptr, features_ptr, scale_ptr, B, C, var_factor: tl.float64,
                   channel_descriptor: tl.float64, spatial_descriptor: tl.float64, TRAINING: tl.constexpr,
                   BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """features = [mean, var of u over the batch (or the running statistics), descriptors], s = sigmoid(features · w)."""
+    """features = [mean, var of u over the batch (or the running statistics), descriptors]; s = sigmoid(features·w)."""
     dtype = weight_ptr.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -134,15 +145,12 @@ def _scale_kernel(pooled_ptr, mean_ptr, var_ptr, weight_ptr, features_ptr, scale
     if TRAINING:
         total = tl.zeros((BLOCK_C, 4), dtype)
         for start in range(0, B, BLOCK_B):
-            b = start + tl.arange(0, BLOCK_B)
-            at = (b[:, None, None] * C + c[None, :, None]) * 4 + k[None, None, :]
-            total += tl.sum(tl.load(pooled_ptr + at, mask=(b < B)[:, None, None] & cm[None, :, None], other=0), 0)
+            at, inside = _batch_block(start, c, cm, B, C, BLOCK_B)
+            total += tl.sum(tl.load(pooled_ptr + at, mask=inside, other=0), 0)
         mean = total / B
         squares = tl.zeros((BLOCK_C, 4), dtype)
         for start in range(0, B, BLOCK_B):
-            b = start + tl.arange(0, BLOCK_B)
-            at = (b[:, None, None] * C + c[None, :, None]) * 4 + k[None, None, :]
-            inside = (b < B)[:, None, None] & cm[None, :, None]
+            at, inside = _batch_block(start, c, cm, B, C, BLOCK_B)
             deviation = tl.where(inside, tl.load(pooled_ptr + at, mask=inside, other=0) - mean[None, :, :], 0)
             squares += tl.sum(deviation * deviation, 0)
         var = squares * tl.full((), var_factor, dtype)
@@ -221,10 +229,8 @@ def _scale_grad_kernel(grad_scale_ptr, scale_ptr, features_ptr, pooled_ptr, weig
         features = tl.load(features_ptr + c[:, None] * 10 + f[None, :], mask=cm[:, None] & (f < 10)[None, :], other=0)
         tl.store(grad_weight_ptr + tl.program_id(0) * 10 + f, tl.sum(features * grad_logit[:, None], 0), mask=f < 10)
     if TRAINING:
-        b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
         k = tl.arange(0, 4)
-        at = (b[:, None, None] * C + c[None, :, None]) * 4 + k[None, None, :]
-        inside = (b < B)[:, None, None] & cm[None, :, None]
+        at, inside = _batch_block(tl.program_id(1) * BLOCK_B, c, cm, B, C, BLOCK_B)
         u = tl.load(pooled_ptr + at, mask=inside, other=0)
         mean = tl.load(features_ptr + c[:, None] * 10 + k[None, :], mask=cm[:, None], other=0)
         by_mean = tl.load(weight_ptr + k) * tl.full((), mean_factor, dtype)
@@ -263,8 +269,9 @@ def _statistics_grad(active_ptr, grad_pooled_ptr, stat_ptr, center, partial_ptr,
 
 @triton.jit
 def _input_grad_kernel(x_ptr, xb, xc, xh, xw, grad_hidden_ptr, active_ptr, grad_pooled_ptr, lam_ptr, gam_ptr, stat_ptr,
-                       grad_x_ptr, rb, rc, rh, rw, partial_ptr, H, W, C, TRAINING: tl.constexpr, NEEDS_INPUT: tl.constexpr,
-                       PARTIALS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                       grad_x_ptr, rb, rc, rh, rw, partial_ptr, H, W, C, TRAINING: tl.constexpr,
+                       NEEDS_INPUT: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     """grad_x += λ₁ᵀ ⋆ grad_hidden + γ₁ᵀ ⋆ Σ_c grad_hidden / C (+ the statistics filters' path in training);
     PARTIALS: λ₁'s, γ₁'s and K's gradients over the tile."""
     b, row, p, i, j, c, pm, cm = _tile(H, W, C, BLOCK_P, BLOCK_C)
@@ -307,6 +314,17 @@ class _Layout:
         self.var_factor = 1.0 / (self.batch - 1) if self.batch > 1 else 0.0  # unbiased; 0 for a batch of one
 
 
+def _on_device(function):
+    """Runs `function` with its first tensor's GPU as the current device, which Triton launches on."""
+
+    @functools.wraps(function)
+    def run(tensor, *args):
+        with torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext():
+            return function(tensor, *args)
+
+    return run
+
+
 def _noise_arguments(h, noise, seed):
     """The noise (or a stand-in that is never read) with its strides, the seed (likewise) and whether it is drawn."""
     if noise is None:
@@ -314,6 +332,7 @@ def _noise_arguments(h, noise, seed):
     return (noise, *noise.stride(), h), False
 
 
+@_on_device
 def forward(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean, running_var, noise, seed,
             noise_coeff, clip_value, channel_descriptor, spatial_descriptor, training):
     """(output, s, mean z, pooled responses, features), as `phi_cpu.cpp`'s forward."""
@@ -337,6 +356,7 @@ def forward(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, runni
     return output, scale, z_partial.sum(), pooled, features
 
 
+@_on_device
 def backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features, scale,
              noise, seed, noise_coeff, clip_value, training, needs_input, needs_params):
     """Gradients of (h, λ, γ, K, w), None for those not asked for, as `phi_cpu.cpp`'s backward."""
@@ -352,9 +372,8 @@ def backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale
     noise_args, drawn = _noise_arguments(h, noise, seed)
     _through_noise_kernel[layout.grid](h, *h.stride(), grad_output, *grad_output.stride(), hidden, lam[1], gam[1],
                                        *noise_args, scale, grad_mu, grad_x, *grad_x.stride(), grad_scale_partial,
-                                       noise_coeff,
-                                       clip_value or 0.0, *layout.sizes, DRAWN=drawn, CLIP=clip_value is not None,
-                                       NEEDS_INPUT=needs_input, **layout.blocks)
+                                       noise_coeff, clip_value or 0.0, *layout.sizes, DRAWN=drawn,
+                                       CLIP=clip_value is not None, NEEDS_INPUT=needs_input, **layout.blocks)
     channel_blocks = triton.cdiv(layout.channels, layout.stat_c)
     grad_pooled = h.new_empty(layout.batch, layout.channels, _FILTERS) if training else hidden
     grad_weight_partial = h.new_empty(channel_blocks, _FEATURES)
@@ -368,9 +387,8 @@ def backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale
     _hidden_grad_kernel[layout.grid](grad_mu, hidden, lam[1], gam[1], partial, *layout.sizes, PARTIALS=needs_params,
                                      **layout.blocks)
     _input_grad_kernel[layout.grid](h, *h.stride(), hidden, active, grad_pooled, lam[0], gam[0], stat, grad_x,
-                                    *grad_x.stride(), partial,
-                                    *layout.sizes, TRAINING=training, NEEDS_INPUT=needs_input, PARTIALS=needs_params,
-                                    **layout.blocks)
+                                    *grad_x.stride(), partial, *layout.sizes, TRAINING=training,
+                                    NEEDS_INPUT=needs_input, PARTIALS=needs_params, **layout.blocks)
     if not needs_params:
         return grad_x if needs_input else None, None, None, None, None
     sums = partial.sum(0, dtype=torch.float64).to(h.dtype).view(8, 1, 3, 3)
@@ -379,6 +397,7 @@ def backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale
     return grad_x if needs_input else None, grad_lam, grad_gam, grad_stat, grad_weight
 
 
+@_on_device
 def normals(like: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """The standard normals a call with `seed` draws for features shaped like `like`, as a channels-last tensor."""
     out = torch.empty_like(like, memory_format=torch.channels_last)
