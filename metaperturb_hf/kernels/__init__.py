@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("phi_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
-_MAX_TRITON_CHANNELS = 4096
+_MAX_TRITON_CHANNELS = 4096  # a Triton tile holds every channel of its pixels
 _NAMES = {"cpu": ("CPU kernel", "built"), "triton": ("Triton kernel", "loaded")}  # for messages: what, and its failure
 _lock = threading.Lock()
 # per kernel: "module" or "error"; "checked": True or the self-check's failure; "logged" once eager was announced
@@ -240,10 +240,12 @@ def select(choice: str, h, parameters, running_mean, running_var, noise, setting
     kernel = choice if choice != "auto" else "triton" if h.device.type == "cuda" else "cpu"
     if unsupported(h, parameters, running_mean, running_var, noise, settings, kernel):
         return None
-    if _states[kernel].get("checked") is not True:
+    state = _states[kernel]
+    if state.get("checked") is not True:
         if torch._C._functorch.peek_interpreter_stack() is not None:
             return None  # the self-check cannot run inside torch.func: this call goes eager, a later one checks
-        if h.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        unchecked = "checked" not in state and "error" not in state
+        if unchecked and h.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("φ's Triton kernel checks itself against eager on its first call, which cannot run "
                                "during CUDA-graph capture: run φ once before capturing (a warm-up step).")
     problem = availability(kernel)
@@ -252,8 +254,8 @@ def select(choice: str, h, parameters, running_mean, running_var, noise, setting
     name = _NAMES[kernel][0]
     if choice != "auto":
         raise RuntimeError(f"METAPERTURB_KERNEL={choice}, but φ's fused {name} is not usable: {problem}")
-    if not _states[kernel].get("logged"):
-        _states[kernel]["logged"] = True
+    if not state.get("logged"):
+        state["logged"] = True
         logger.warning("φ runs on the eager path: the fused %s %s", name, problem)
     return None
 
