@@ -27,6 +27,8 @@ setup(
         # ninja: torch.utils.cpp_extension builds the fused CPU kernel with it (and a C++ compiler); without it φ
         # runs its eager path.
         "kernels": ["ninja"],
+        # φ's fused GPU kernels (CUDA builds of torch bring triton; CPU builds run them only through its interpreter)
+        "triton": ["triton"],
         "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "ninja"],
         "examples": ["scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard", "ninja"],
     },

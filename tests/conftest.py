@@ -9,6 +9,10 @@ import torch
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Without a GPU, Triton (where installed) runs φ's kernels on CPU tensors through its interpreter, which has to be on
+# before triton is first imported (torch.compile imports it): test_triton_kernels.py runs that way.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(os.environ.get("METAPERTURB_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REFERENCE = SHARED / "reference"
@@ -59,9 +63,29 @@ def fused_kernel():
     return kernels
 
 
-@pytest.fixture(params=["eager", "cpu"])
+@pytest.fixture(scope="session")
+def triton_kernel():
+    """φ's Triton kernel, loaded and self-checked: on CUDA, or without a GPU on CPU tensors through Triton's
+    interpreter; skips where triton is not installed."""
+    pytest.importorskip("triton")
+    from metaperturb_hf import kernels
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU, and Triton's interpreter is off (TRITON_INTERPRET)")
+    problem = kernels.availability("triton")
+    assert problem is None, f"φ's Triton kernel {problem}"
+    return kernels
+
+
+@pytest.fixture(params=["eager", "cpu", "triton"])
 def kernel(request):
-    """Each φ path by name, for tests that hold for both; "cpu" skips where the kernel cannot be built."""
+    """Each φ path by name, for tests that hold for all (on CPU tensors); "cpu" skips where the kernel cannot be
+    built, "triton" where triton is missing or a GPU is present (CPU tensors then go eager: test_triton_kernels.py
+    covers the GPU)."""
     if request.param == "cpu":
         request.getfixturevalue("fused_kernel")
+    if request.param == "triton":
+        if torch.cuda.is_available():
+            pytest.skip("Triton takes CPU tensors only through its interpreter, which is off where a GPU is")
+        request.getfixturevalue("triton_kernel")
     return request.param

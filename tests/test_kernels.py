@@ -1,4 +1,7 @@
-"""φ's fused CPU kernel against the eager path: outputs, running statistics, every gradient, drawn noise, compile."""
+"""φ's fused CPU kernel against the eager path: outputs, running statistics, every gradient, drawn noise, compile.
+
+The checks take the kernel and the device, so that `test_triton_kernels.py` runs the same ones on the Triton kernel.
+"""
 
 import logging
 
@@ -18,19 +21,19 @@ def make_phi(dtype=torch.float32):
     return MetaPerturbModel(MetaPerturbConfig(initializer_range=0.3)).to(dtype)
 
 
-def run(phi, kernel, h, noise, *, training=True, kappa=1.0, clip=None, seed=None):
+def run(phi, kernel, h, noise, *, training=True, kappa=1.0, clip=None, seed=None, input_grad=True):
     """Output, running statistics and the gradients of input, λ, γ, K, w for one call with the given path."""
     phi.train(training)
     phi.zero_grad()
-    x = h.clone().requires_grad_()
+    x = h.clone().requires_grad_(input_grad)
     generator = torch.Generator().manual_seed(1)
     channels = h.shape[1]
-    mean = torch.rand(channels, 4, generator=generator, dtype=h.dtype)
-    var = torch.rand(channels, 4, generator=generator, dtype=h.dtype)
+    mean = torch.rand(channels, 4, generator=generator, dtype=h.dtype).to(h.device)
+    var = torch.rand(channels, 4, generator=generator, dtype=h.dtype).to(h.device)
     if seed is not None:
         torch.manual_seed(seed)
     out = phi(x, mean, var, 64, 32, noise_coeff=kappa, noise=noise, clip_value=clip, kernel=kernel)
-    upstream = torch.randn(out.shape, generator=generator, dtype=h.dtype)
+    upstream = torch.randn(out.shape, generator=generator, dtype=h.dtype).to(h.device)
     (out * upstream).sum().backward()
     grads = {name: p.grad for name, p in phi.named_parameters()}
     return {"output": out.detach(), "running_mean": mean, "running_var": var, "input": x.grad, **grads}
@@ -63,92 +66,132 @@ CASES = {
     "512_channels": ((2, 512, 3, 5), True, 1.0, None, True, torch.float32),
     "64_channels_32x32": ((2, 64, 32, 32), True, 1.0, None, True, torch.float32),
     "16_channels_32x32_contiguous": ((4, 16, 32, 32), True, 0.3, None, False, torch.float32),
+    "rows_across_tiles": ((2, 16, 9, 11), True, 0.3, None, False, torch.float32),  # Triton: a tile ends mid-row
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_fused_kernel_matches_eager_with_explicit_noise(case):
+def check_case(case, kernel, device="cpu"):
+    """One CASES entry on `kernel` against eager, with the same explicit noise."""
     shape, training, kappa, clip, channels_last, dtype = CASES[case]
-    phi = make_phi(dtype)
+    phi = make_phi(dtype).to(device)
     generator = torch.Generator().manual_seed(2)
-    h = torch.randn(shape, generator=generator, dtype=dtype) * 2
+    h = (torch.randn(shape, generator=generator, dtype=dtype) * 2).to(device)
     if channels_last:
         h = h.contiguous(memory_format=torch.channels_last)
-    noise = torch.randn(shape, generator=generator, dtype=dtype)
+    noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
     options = dict(training=training, kappa=kappa, clip=clip)
-    fused, eager = run(phi, "cpu", h, noise, **options), run(phi, "eager", h, noise, **options)
+    fused, eager = run(phi, kernel, h, noise, **options), run(phi, "eager", h, noise, **options)
     if clip is not None and clip < 1:
         assert (eager["output"] == clip).any(), "the clamp must be reached for this case to test it"
     assert_same(fused, eager)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_fused_kernel_matches_eager_with_explicit_noise(case):
+    check_case(case, "cpu")
+
+
+def check_flat_features(kernel, device="cpu"):
+    phi = make_phi().to(device)
+    h, noise = torch.randn(6, 20, device=device), torch.randn(6, 20, device=device)
+    assert_same(run(phi, kernel, h, noise), run(phi, "eager", h, noise))
+
+
 def test_flat_features_match_eager():
-    phi = make_phi()
-    h, noise = torch.randn(6, 20), torch.randn(6, 20)
-    assert_same(run(phi, "cpu", h, noise), run(phi, "eager", h, noise))
+    check_flat_features("cpu")
+
+
+def check_only_the_wanted_gradients(kernel, device="cpu"):
+    """A frozen φ (transfer: only the input's gradient) and features that need none (only φ's)."""
+    phi = make_phi().to(device)
+    h, noise = torch.randn(3, 6, 5, 5, device=device), torch.randn(3, 6, 5, 5, device=device)
+    for frozen in (True, False):
+        phi.requires_grad_(not frozen)
+        assert_same(run(phi, kernel, h, noise, clip=1.0, input_grad=frozen),
+                    run(phi, "eager", h, noise, clip=1.0, input_grad=frozen))
+    phi.requires_grad_(True)
+
+
+def test_only_the_wanted_gradients():
+    check_only_the_wanted_gradients("cpu")
+
+
+def normals(kernel, like, seed):
+    """The noise that `kernel` draws for features like `like` from `seed` (a tensor on their device)."""
+    from metaperturb_hf import kernels
+
+    return kernels._extension(kernel).normals(like, seed)
+
+
+def check_standard_normal_draws(kernel, device="cpu"):
+    like = torch.empty(16, 32, 16, 16, device=device)
+    draws = normals(kernel, like, torch.tensor(11, device=device))
+    assert abs(draws.mean().item()) < 0.01 and abs(draws.var().item() - 1) < 0.01
+    assert abs((draws.abs() > 2).float().mean().item() - 0.0455) < 0.002  # the tails of N(0, 1), not just 2 moments
+    assert torch.equal(draws, normals(kernel, like, torch.tensor(11, device=device)))
+    assert not torch.equal(draws, normals(kernel, like, torch.tensor(12, device=device)))
 
 
 def test_drawn_noise_is_standard_normal_and_fixed_by_the_seed(fused_kernel):
-    like = torch.empty(16, 32, 16, 16)
-    draws = fused_kernel._extension().normals(like, torch.tensor(11))
-    assert abs(draws.mean().item()) < 0.01 and abs(draws.var().item() - 1) < 0.01
-    assert abs((draws.abs() > 2).float().mean().item() - 0.0455) < 0.002  # the tails of N(0, 1), not just 2 moments
-    assert torch.equal(draws, fused_kernel._extension().normals(like, torch.tensor(11)))
-    assert not torch.equal(draws, fused_kernel._extension().normals(like, torch.tensor(12)))
+    check_standard_normal_draws("cpu")
+
+
+def call_seed(seed, device="cpu"):
+    """The seed a fused call draws after `torch.manual_seed(seed)`."""
+    torch.manual_seed(seed)
+    return torch.randint(2**62, (), dtype=torch.int64, device=device)
+
+
+def check_backward_sees_the_forward_noise(kernel, device="cpu", tolerance=1e-10):
+    """A drawn call equals an eager call given the noise of that call's seed, gradients included: the backward
+    regenerated the forward's ε (it stores none)."""
+    phi = make_phi(torch.float64).to(device)
+    h = torch.randn(4, 8, 6, 6, dtype=torch.float64, device=device).contiguous(memory_format=torch.channels_last)
+    drawn = run(phi, kernel, h, None, kappa=0.8, seed=5)
+    noise = normals(kernel, h, call_seed(5, device))
+    assert_same(drawn, run(phi, "eager", h, noise, kappa=0.8), tolerance=tolerance)
 
 
 def test_backward_sees_the_noise_of_the_forward(fused_kernel):
-    """A drawn call equals an eager call given the noise of that call's seed, gradients included: the backward
-    regenerated the forward's ε (it stores none)."""
-    phi = make_phi(torch.float64)
-    h = torch.randn(4, 8, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    drawn = run(phi, "cpu", h, None, kappa=0.8, seed=5)
-    torch.manual_seed(5)
-    seed = torch.randint(2**62, (), dtype=torch.int64)  # what the fused path draws for its call
-    noise = fused_kernel._extension().normals(h, seed)
-    assert_same(drawn, run(phi, "eager", h, noise, kappa=0.8), tolerance=1e-10)
+    check_backward_sees_the_forward_noise("cpu")
 
 
-def test_manual_seed_reproduces_a_run_and_seeds_differ():
-    phi = make_phi()
-    h = torch.randn(4, 8, 6, 6)
-    first, again, other = (run(phi, "cpu", h, None, seed=seed) for seed in (3, 3, 4))
+def check_manual_seed(kernel, device="cpu"):
+    """`torch.manual_seed` reproduces a drawn call exactly, another seed draws other noise, and the memory layout
+    does not change the draw."""
+    phi = make_phi().to(device)
+    h = torch.randn(4, 8, 6, 6, device=device)
+    first, again, other = (run(phi, kernel, h, None, seed=seed) for seed in (3, 3, 4))
     for name in first:
         if first[name] is not None:
             assert torch.equal(first[name], again[name]), name
     assert not torch.allclose(first["output"], other["output"])
+    channels_last = run(phi, kernel, h.contiguous(memory_format=torch.channels_last), None, seed=3)
+    torch.testing.assert_close(channels_last["output"], first["output"], rtol=0, atol=0)
 
 
-def test_memory_layout_does_not_change_the_draw():
-    phi = make_phi()
-    h = torch.randn(3, 8, 5, 5)
-    contiguous = run(phi, "cpu", h, None, seed=9)
-    channels_last = run(phi, "cpu", h.contiguous(memory_format=torch.channels_last), None, seed=9)
-    torch.testing.assert_close(contiguous["output"], channels_last["output"], rtol=0, atol=0)
+def test_manual_seed_reproduces_a_run_seeds_differ_and_the_layout_does_not_matter():
+    check_manual_seed("cpu")
 
 
-def test_checkpointing_and_monitor_agree_with_the_plain_call():
-    phi = make_phi()
-    h = torch.randn(4, 8, 6, 6)
-    plain = run(phi, "cpu", h, None, seed=2)
+def check_checkpointing_and_monitor(kernel, device="cpu"):
+    phi = make_phi().to(device)
+    h = torch.randn(4, 8, 6, 6, device=device)
+    plain = run(phi, kernel, h, None, seed=2)
     phi.gradient_checkpointing = True
     with phi.monitoring() as calls:
-        checkpointed = run(phi, "cpu", h, None, seed=2)
+        checkpointed = run(phi, kernel, h, None, seed=2)
     phi.gradient_checkpointing = False
     assert_same(checkpointed, plain, tolerance=0)
     (scale_mean, noise_mean), = calls
     h_channel_last = h.contiguous(memory_format=torch.channels_last)
-    torch.manual_seed(2)
-    seed = torch.randint(2**62, (), dtype=torch.int64)
-    z = F.softplus(_eager_mu(phi, h_channel_last) + phi_noise(h_channel_last, seed))
+    z = F.softplus(_eager_mu(phi, h_channel_last) + normals(kernel, h_channel_last, call_seed(2, device)))
     torch.testing.assert_close(noise_mean, z.mean(), rtol=1e-5, atol=1e-6)
     assert 0 < scale_mean < 1
 
 
-def phi_noise(like, seed):
-    from metaperturb_hf import kernels
-
-    return kernels._extension().normals(like, seed)
+def test_checkpointing_and_monitor_agree_with_the_plain_call():
+    check_checkpointing_and_monitor("cpu")
 
 
 def _eager_mu(phi, h):
@@ -161,7 +204,7 @@ def _eager_mu(phi, h):
 def test_expected_noise_and_other_precisions_use_eager(fused_kernel, monkeypatch):
     """What the kernel does not implement is routed to eager even when it is forced."""
     calls = []
-    monkeypatch.setattr(fused_kernel, "perturb", lambda *args: calls.append(args))
+    monkeypatch.setattr(fused_kernel, "perturb", lambda *args, **kwargs: calls.append(args))
     phi = make_phi()
     h = torch.randn(2, 3, 4, 4)
     phi.eval()(h, torch.zeros(3, 4), torch.ones(3, 4), 8, 8, expected_noise=True, kernel="cpu")
@@ -172,7 +215,7 @@ def test_expected_noise_and_other_precisions_use_eager(fused_kernel, monkeypatch
 def test_kernel_choice_comes_from_the_call_the_model_or_the_environment(fused_kernel, monkeypatch):
     calls = []
     original = fused_kernel.perturb
-    monkeypatch.setattr(fused_kernel, "perturb", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(fused_kernel, "perturb", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     phi = make_phi()
     h, stats = torch.randn(2, 3, 4, 4), (torch.zeros(3, 4), torch.ones(3, 4))
     monkeypatch.setenv("METAPERTURB_KERNEL", "eager")
@@ -185,12 +228,12 @@ def test_kernel_choice_comes_from_the_call_the_model_or_the_environment(fused_ke
     assert calls == [1, 1]
     monkeypatch.setenv("METAPERTURB_KERNEL", "gpu")
     phi.kernel = None
-    with pytest.raises(ValueError, match="'auto', 'eager' or 'cpu'"):
+    with pytest.raises(ValueError, match="'auto', 'eager', 'cpu' or 'triton'"):
         phi(h, *stats, 8, 8)
 
 
 def test_a_kernel_that_cannot_be_built_falls_back_with_one_log_line(fused_kernel, monkeypatch, caplog):
-    monkeypatch.setattr(fused_kernel, "_state", {"error": "RuntimeError: no C++ compiler"})
+    monkeypatch.setitem(fused_kernel._states, "cpu", {"error": "RuntimeError: no C++ compiler"})
     phi = make_phi()
     h, noise, stats = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), (torch.zeros(3, 4), torch.ones(3, 4))
     with caplog.at_level(logging.WARNING, logger=fused_kernel.__name__):
@@ -204,19 +247,19 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_log_line(fused_kernel
 
 @pytest.mark.parametrize("outcome, reason", [("differs", "output differs by 1"), ("raises", "RuntimeError: boom")])
 def test_a_kernel_that_fails_its_self_check_is_not_used(fused_kernel, monkeypatch, outcome, reason):
-    def check():
+    def check(kernel):
         if outcome == "raises":
             raise RuntimeError("boom")
         return reason
 
-    monkeypatch.setattr(fused_kernel, "_state", {"extension": fused_kernel._extension()})
+    monkeypatch.setitem(fused_kernel._states, "cpu", {"module": fused_kernel._extension()})
     monkeypatch.setattr(fused_kernel, "_compare_with_eager", check)
     assert fused_kernel.availability() == f"failed its self-check against eager ({reason})"
     assert fused_kernel.availability() == f"failed its self-check against eager ({reason})"  # settled, not retried
 
 
 def test_the_self_check_waits_for_a_call_outside_torch_func(fused_kernel, monkeypatch):
-    monkeypatch.setattr(fused_kernel, "_state", {"extension": fused_kernel._extension()})
+    monkeypatch.setitem(fused_kernel._states, "cpu", {"module": fused_kernel._extension()})
     phi = make_phi()
     h = torch.randn(2, 3, 4, 4)
     parameters = tuple(phi.parameters())
@@ -225,9 +268,9 @@ def test_the_self_check_waits_for_a_call_outside_torch_func(fused_kernel, monkey
     settings = _Settings(1.0, None, (0.5, 0.5), False, 8, True, 0.1, False, False)
     chosen = torch.func.grad(lambda x: (fused_kernel.select("auto", x, parameters, torch.zeros(3, 4), torch.ones(3, 4),
                                                             None, settings) is None) * x.sum())(h)
-    assert torch.equal(chosen, torch.ones_like(h)) and "checked" not in fused_kernel._state
+    assert torch.equal(chosen, torch.ones_like(h)) and "checked" not in fused_kernel._states["cpu"]
     assert fused_kernel.select("auto", h, parameters, torch.zeros(3, 4), torch.ones(3, 4), None, settings) is not None
-    assert fused_kernel._state["checked"] is True
+    assert fused_kernel._states["cpu"]["checked"] is True
 
 
 class NoisySite(nn.Module):
@@ -243,18 +286,25 @@ class NoisySite(nn.Module):
         return self.second(self.phi(self.first(x), self.mean, self.var, 8, 8, noise=noise, clip_value=100.0))
 
 
-def test_torch_compile_traces_through_phi_and_matches_eager():
+def check_compile(kernel, device="cpu", **options):
+    """A network around φ compiled with `options` (fullgraph: a graph break is an error) gives eager's gradients."""
     torch.manual_seed(0)
-    model = NoisySite(make_phi()).train()
-    x, noise = torch.randn(4, 3, 6, 6), torch.randn(4, 8, 6, 6)
+    phi = make_phi()
+    phi.kernel = kernel
+    model = NoisySite(phi).to(device).train()
+    x, noise = torch.randn(4, 3, 6, 6, device=device), torch.randn(4, 8, 6, 6, device=device)
 
     def step(function):
         model.zero_grad()
         function(x, noise).square().sum().backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    compiled = torch.compile(model, fullgraph=True, **options)
     torch.testing.assert_close(step(compiled), step(model), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_traces_through_phi_and_matches_eager():
+    check_compile("cpu", backend="aot_eager")
 
 
 def test_torch_compile_of_a_perturbed_network_draws_the_eager_noise(monkeypatch):

@@ -1,5 +1,5 @@
-"""φ's hand-written backward (eager) and fused CPU kernel against autograd through the same math written plainly
-(float64)."""
+"""φ's hand-written backward (eager) and fused kernels (CPU, Triton) against autograd through the same math written
+plainly (float64)."""
 
 import pytest
 import torch

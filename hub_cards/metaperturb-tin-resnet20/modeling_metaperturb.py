@@ -316,20 +316,21 @@ class _PerturbFunction(torch.autograd.Function):
 
 def _fused_phi(choice: str | None, h, parameters, running_mean, running_var, noise, settings: _Settings):
     """The fused kernel of `metaperturb_hf.kernels` for this call, or None for the eager path: when asked for
-    ("eager"), when the package is absent (a hub copy of this file), or when the kernel did not build, failed its
+    ("eager"), when the package is absent (a hub copy of this file), or when the kernel did not load, failed its
     self-check or does not implement the call (it says which, once)."""
     if choice is None:
         import os
 
         choice = os.environ.get("METAPERTURB_KERNEL", "auto")
-    if choice not in ("auto", "eager", "cpu"):
-        raise ValueError(f"the φ kernel must be 'auto', 'eager' or 'cpu' (METAPERTURB_KERNEL), got {choice!r}.")
+    if choice not in ("auto", "eager", "cpu", "triton"):
+        raise ValueError(
+            f"the φ kernel must be 'auto', 'eager', 'cpu' or 'triton' (METAPERTURB_KERNEL), got {choice!r}.")
     if choice == "eager":
         return None
     try:
         from metaperturb_hf.kernels import select
     except ImportError:
-        if choice == "cpu":
+        if choice != "auto":
             raise
         return None
     return select(choice, h, parameters, running_mean, running_var, noise, settings)
@@ -376,7 +377,7 @@ class MetaPerturbModel(PreTrainedModel):
         self.scale_weight = nn.Parameter(torch.empty(2 * config.num_stat_filters + 2))
         self._monitor_records: list | None = None  # set inside `monitoring()`
         self.gradient_checkpointing = False
-        # "auto", "eager" or "cpu" (the fused CPU kernel); None defers to METAPERTURB_KERNEL, then "auto".
+        # "auto", "eager", "cpu" or "triton" (a fused kernel); None defers to METAPERTURB_KERNEL, then "auto".
         self.kernel: str | None = None
         self.post_init()
 
@@ -462,8 +463,8 @@ class MetaPerturbModel(PreTrainedModel):
             noise: the standard-normal draw ε (same shape as `hidden_states`); sampled when omitted.
             clip_value: upper clamp of the output, or None for no clamp.
             expected_noise: replace z by its expectation over ε (deterministic single pass) instead of sampling.
-            kernel: "auto", "eager" or "cpu" for this call (else `self.kernel`, else METAPERTURB_KERNEL, else
-                "auto"): whether the fused CPU kernel of `metaperturb_hf.kernels` may compute it.
+            kernel: "auto", "eager", "cpu" or "triton" for this call (else `self.kernel`, else METAPERTURB_KERNEL,
+                else "auto"): which fused kernel of `metaperturb_hf.kernels` may compute it (CPU or CUDA).
 
         With a batch of one in training the batch variance of the statistics is taken as 0 (an unbiased variance
         of a single sample is undefined).
