@@ -29,7 +29,7 @@ setup(
         "kernels": ["ninja"],
         # φ's fused GPU kernels (CUDA builds of torch bring triton; CPU builds run them only through its interpreter)
         "triton": ["triton"],
-        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "ninja"],
+        "test": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "matplotlib>=3.7", "ninja", "ruff>=0.6"],
         "examples": ["scikit-learn>=1.3", "matplotlib>=3.7", "tensorboard", "ninja"],
     },
     entry_points={"console_scripts": ["metaperturb-convert=metaperturb_hf.convert:main"]},

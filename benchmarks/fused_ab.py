@@ -55,9 +55,10 @@ def main():
 
         steps = medians({name: (lambda m=m, o=o: train_step(m, o)) for name, (m, o) in models.items()}, args.repeats)
         plain, fused = models["plain"][0], models["fused"][0]
-        evals = medians({"plain": lambda: predict_proba(plain, x, batch_size=BATCH),
-                         "fused_mc1": lambda: predict_proba(fused, x, num_samples=1, batch_size=BATCH),
-                         "fused_mc5": lambda: predict_proba(fused, x, num_samples=5, batch_size=BATCH)}, args.repeats)
+        evals = medians({"plain": lambda plain=plain, x=x: predict_proba(plain, x, batch_size=BATCH),
+                         "fused_mc1": lambda fused=fused, x=x: predict_proba(fused, x, num_samples=1, batch_size=BATCH),
+                         "fused_mc5": lambda fused=fused, x=x: predict_proba(fused, x, num_samples=5, batch_size=BATCH)},
+                        args.repeats)
         record = {
             "arch": arch, "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "train_step_s": steps, "eval_s": evals,

@@ -39,8 +39,14 @@ from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.evaluation import predict_proba
 from metaperturb_hf.kernels import availability
-from metaperturb_hf.modeling_metaperturb import (_expected_noise_and_slope, _noise_generator, _noise_seed,
-                                                 _pooled_responses, _sample_noise, _stencil)
+from metaperturb_hf.modeling_metaperturb import (
+    _expected_noise_and_slope,
+    _noise_generator,
+    _noise_seed,
+    _pooled_responses,
+    _sample_noise,
+    _stencil,
+)
 
 BATCH, SIZE, CLASSES = 128, 32, 40
 # Issue 14's targets for the fused path on a 2-core CPU, as (arch, measure) -> largest acceptable ratio.
@@ -188,7 +194,7 @@ class Setup:
 
     def fused_phi_sites(self):
         """φ's frozen forward and backward on the fused kernel at every site's shape (nothing else)."""
-        maps, upstream = self.site_maps(), None
+        maps = self.site_maps()
         channels = {features.shape[1] for features in maps}
         stats = {c: (torch.zeros(c, 4), torch.ones(c, 4)) for c in channels}
         phi = MetaPerturbModel(MetaPerturbConfig()).requires_grad_(False).train()

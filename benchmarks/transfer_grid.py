@@ -26,8 +26,14 @@ import torch
 from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import load_image_dataset, subsample_per_class, to_tensors
 from metaperturb_hf.methods import run_transfer
-from metaperturb_hf.results import (accuracy_cells, confidence_interval, key_of, load_records, markdown_table,
-                                    table_layout)
+from metaperturb_hf.results import (
+    accuracy_cells,
+    confidence_interval,
+    key_of,
+    load_records,
+    markdown_table,
+    table_layout,
+)
 from metaperturb_hf.transfer import TransferConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"

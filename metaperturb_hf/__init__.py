@@ -21,6 +21,7 @@ MetaPerturbConfig.register_for_auto_class()
 MetaPerturbModel.register_for_auto_class("AutoModel")
 
 __all__ = [
+    "__version__",
     "MetaPerturbConfig",
     "MetaPerturbModel",
     "PerturbationConfig",

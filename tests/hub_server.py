@@ -210,7 +210,7 @@ class HubServer:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="hub-emulator", daemon=True)
         self._thread.start()
@@ -222,7 +222,7 @@ class HubServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -436,7 +436,7 @@ def _make_handler(server: HubServer):
             try:
                 return json.loads(record.body or b"{}")
             except json.JSONDecodeError as error:
-                raise _HttpError(400, f"Invalid JSON body: {error}")
+                raise _HttpError(400, f"Invalid JSON body: {error}") from error
 
         def _repo_and_commit(self, params) -> tuple[Repo, Commit]:
             repo = server._repo(_repo_type(params), params["repo"])
@@ -603,7 +603,7 @@ def _make_handler(server: HubServer):
             try:
                 lines = record.ndjson()
             except json.JSONDecodeError as error:
-                raise _HttpError(400, f"Invalid ndjson: {error}")
+                raise _HttpError(400, f"Invalid ndjson: {error}") from error
             if not lines or lines[0].get("key") != "header":
                 raise _HttpError(400, "The first ndjson line must be the header")
             header = lines[0]["value"]

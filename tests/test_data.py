@@ -3,8 +3,15 @@
 import datasets
 import pytest
 import torch
-from conftest_data import CUB, identified_tensors, image_dataset, random_pixels, row_ids, write_imagefolder
-from conftest_data import isolated_hf_cache  # noqa: F401  (fixture)
+from conftest_data import (
+    CUB,
+    identified_tensors,
+    image_dataset,
+    isolated_hf_cache,  # noqa: F401  (fixture)
+    random_pixels,
+    row_ids,
+    write_imagefolder,
+)
 from PIL import Image
 
 from metaperturb_hf.data import (

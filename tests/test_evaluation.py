@@ -8,8 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
-from metaperturb_hf import classifier_io, evaluation, modeling_metaperturb
+from metaperturb_hf import (
+    MetaPerturbConfig,
+    MetaPerturbModel,
+    add_perturbation,
+    classifier_io,
+    evaluation,
+    modeling_metaperturb,
+)
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.data import ImageTensors, normalize
 from metaperturb_hf.evaluation import (

@@ -7,12 +7,11 @@ perturbation and running statistics.
 
 import pytest
 import torch
+from conftest import REFERENCE
 from safetensors.torch import load_file
 
 from metaperturb_hf import add_perturbation, convert_official_checkpoint, convert_official_classifier
 from metaperturb_hf.architectures import ChannelPadShortcut, create_model
-
-from conftest import REFERENCE
 
 NETWORKS_GOLDEN = REFERENCE / "official_networks_golden.safetensors"
 CASES = {"resnet20": "resnet20", "conv4_32": "conv4_32"}

@@ -176,7 +176,7 @@ def test_manifold_mixup_loss_is_the_lambda_mix(arch, batch):
                 logits = call(reg, lam * images + (1 - lam) * images[perm])
             else:
                 site = next(s for s in reg.sites if s.name == layer)
-                mix = lambda mod, args: (lam * args[0] + (1 - lam) * args[0][perm],)  # noqa: E731
+                mix = lambda mod, args, lam=lam, perm=perm: (lam * args[0] + (1 - lam) * args[0][perm],)  # noqa: E731
                 handle = modules[site.module_name].register_forward_pre_hook(mix)
                 logits = call(reg, images)
                 handle.remove()

@@ -10,7 +10,7 @@ What holds (the README's Reliability section counts these):
 Only the public behaviour of `MetaPerturbModel.forward` is used (its internals are being rewritten).
 """
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -32,7 +32,7 @@ NON_FINITE = [float("nan"), float("inf"), float("-inf")]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _phi_weights(std: float) -> dict:
     torch.manual_seed(0)
     return MetaPerturbModel(MetaPerturbConfig(initializer_range=std)).state_dict()

@@ -27,8 +27,13 @@ from test_hub import _env_with_package
 from test_meta_training import trainer
 from transformers import AutoConfig, AutoModel
 
-from metaperturb_hf import (MetaPerturbConfig, MetaPerturbModel, PerturbationConfig, PerturbedModel,
-                            convert_official_checkpoint)
+from metaperturb_hf import (
+    MetaPerturbConfig,
+    MetaPerturbModel,
+    PerturbationConfig,
+    PerturbedModel,
+    convert_official_checkpoint,
+)
 from metaperturb_hf.convert import main as convert_main
 from metaperturb_hf.loading import load_perturbation
 

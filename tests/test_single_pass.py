@@ -198,8 +198,8 @@ def test_bad_calibration_input_is_refused_with_a_clear_error(perturbation):
 
 def test_calibrated_single_pass_beats_the_uncalibrated_one_after_training(one_thread):
     """Digits, Conv4 with the released Conv4 φ, 60 steps: the uncalibrated single pass falls near chance."""
-    from metaperturb_hf.evaluation import evaluate, normalized_batches
     from metaperturb_hf import load_perturbation
+    from metaperturb_hf.evaluation import evaluate, normalized_batches
     from metaperturb_hf.methods import apply_method, build_classifier
     from metaperturb_hf.transfer import TransferConfig, train_classifier
 

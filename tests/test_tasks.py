@@ -1,8 +1,13 @@
 """Class-disjoint meta-training tasks: groups, stratified halves, swapped pairs, and early size errors."""
 
 import pytest
-from conftest_data import CUB, identified_tensors, image_dataset, row_ids
-from conftest_data import isolated_hf_cache  # noqa: F401  (fixture)
+from conftest_data import (
+    CUB,
+    identified_tensors,
+    image_dataset,
+    isolated_hf_cache,  # noqa: F401  (fixture)
+    row_ids,
+)
 
 from metaperturb_hf.tasks import build_tasks, load_tasks
 

@@ -18,9 +18,18 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_kernels import (CASES, check_backward_sees_the_forward_noise, check_case,  # noqa: E402
-                          check_checkpointing_and_monitor, check_compile, check_flat_features, check_manual_seed,
-                          check_only_the_wanted_gradients, check_standard_normal_draws, make_phi)
+from test_kernels import (  # noqa: E402
+    CASES,
+    check_backward_sees_the_forward_noise,
+    check_case,
+    check_checkpointing_and_monitor,
+    check_compile,
+    check_flat_features,
+    check_manual_seed,
+    check_only_the_wanted_gradients,
+    check_standard_normal_draws,
+    make_phi,
+)
 
 from metaperturb_hf import kernels  # noqa: E402
 
@@ -41,7 +50,7 @@ def triton_calls(triton_kernel):
         assert module.INTERPRETED != CUDA, "phi_triton was imported before TRITON_INTERPRET was set (or unset)"
         calls = collections.Counter()
         for name in ("forward", "backward"):
-            patch.setattr(module, name, lambda *args, _name=name, _run=getattr(module, name):
+            patch.setattr(module, name, lambda *args, _name=name, _run=getattr(module, name):  # noqa: B008 (bound per name)
                           calls.update([_name]) or _run(*args))
         yield calls
 

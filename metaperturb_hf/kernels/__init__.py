@@ -31,7 +31,6 @@ import os
 import platform
 import threading
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -109,8 +108,8 @@ def _cpu_model() -> str:
 
 @torch.library.custom_op("metaperturb::phi_forward", mutates_args=())
 def phi_forward(h: Tensor, identity_kernels: Tensor, mean_kernels: Tensor, stat_kernels: Tensor, scale_weight: Tensor,
-                running_mean: Tensor, running_var: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
-                noise_coeff: float, clip_value: Optional[float], channel_descriptor: float, spatial_descriptor: float,
+                running_mean: Tensor, running_var: Tensor, noise: Tensor | None, seed: Tensor | None,
+                noise_coeff: float, clip_value: float | None, channel_descriptor: float, spatial_descriptor: float,
                 training: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """φ's fused forward on `kernel` ("cpu" or "triton"): (output, s, mean z, pooled responses, features)."""
     return tuple(_extension(kernel).forward(h, identity_kernels, mean_kernels, stat_kernels, scale_weight,
@@ -130,8 +129,8 @@ def _(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mea
 
 @torch.library.custom_op("metaperturb::phi_backward", mutates_args=())
 def phi_backward(grad_output: Tensor, h: Tensor, identity_kernels: Tensor, mean_kernels: Tensor, stat_kernels: Tensor,
-                 scale_weight: Tensor, pooled: Tensor, features: Tensor, scale: Tensor, noise: Optional[Tensor],
-                 seed: Optional[Tensor], noise_coeff: float, clip_value: Optional[float], training: bool,
+                 scale_weight: Tensor, pooled: Tensor, features: Tensor, scale: Tensor, noise: Tensor | None,
+                 seed: Tensor | None, noise_coeff: float, clip_value: float | None, training: bool,
                  needs_input: bool, needs_params: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """φ's fused backward on `kernel`: gradients of (h, λ, γ, K, w); empty tensors for those not asked for."""
     grads = _extension(kernel).backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight,
@@ -214,7 +213,7 @@ def perturb(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, runni
     return output, scale, noise_mean
 
 
-def unsupported(h, parameters, running_mean, running_var, noise, settings, kernel="cpu") -> Optional[str]:
+def unsupported(h, parameters, running_mean, running_var, noise, settings, kernel="cpu") -> str | None:
     """Why the fused `kernel` does not implement this call, or None when it does."""
     if settings.expected_noise:
         return "the expected-noise mode"
@@ -260,7 +259,7 @@ def select(choice: str, h, parameters, running_mean, running_var, noise, setting
     return None
 
 
-def availability(kernel: str = "cpu") -> Optional[str]:
+def availability(kernel: str = "cpu") -> str | None:
     """None when `kernel` loaded and passed its self-check; otherwise what went wrong."""
     state = _states[kernel]
     if state.get("checked") is True:  # the settled answer without the build lock, which torch.compile cannot trace
