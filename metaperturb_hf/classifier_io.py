@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 # Most images in one forward pass when a batch is repeated for its noise draws. Stacking saves the per-pass overhead
-# of small batches; beyond a few hundred images a pass no longer fits in cache and separate passes are faster on CPU
-# (MC-5 over a batch of 128 stacked 5-fold cost 8.5× a single pass, `benchmarks/fused_ab.py`).
-MAX_REPEATED_BATCH = 256
+# of small batches, but on CPU a pass of more images than this is slower than separate ones: MC-5 over a batch of 128
+# cost 4.5× MC-1 as five passes, 5.5× stacked two by two and 8.5× stacked five-fold (ResNet-20 and Conv4, fused φ).
+MAX_REPEATED_BATCH = 128
 
 
 def logits_of(output) -> torch.Tensor:
