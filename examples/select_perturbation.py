@@ -24,7 +24,8 @@ from transformers import HfArgumentParser
 
 from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import load_image_dataset, split_classes, subsample_per_class, to_tensors
-from metaperturb_hf.meta_training import META_TRAINING_FILE, MetaTrainer, MetaTrainingConfig
+from metaperturb_hf.meta_training import MetaTrainer, MetaTrainingConfig
+from metaperturb_hf.meta_training_record import META_TRAINING_FILE
 from metaperturb_hf.methods import run_transfer
 from metaperturb_hf.tasks import build_tasks
 from metaperturb_hf.transfer import TransferConfig

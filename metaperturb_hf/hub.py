@@ -15,14 +15,13 @@ from pathlib import Path, PurePosixPath
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
 
+from .meta_training_record import META_TRAINING_FILE, read_record
 from .results import accuracy_cells, markdown_table
 
 LIBRARY_NAME = "metaperturb-hf"
 TAGS = ["metaperturb", "meta-learning", "regularization", "image-classification"]
 CARD_NAME = "README.md"
 WEIGHTS_NAME = "model.safetensors"
-# What meta-training writes beside φ; a card's meta-training table is made from it.
-META_TRAINING_FILE = "meta_training.json"
 # What a released φ folder holds besides its card, by exact name (a glob would also pick up checkpoints/.../x.py).
 RELEASE_FILES = ("config.json", WEIGHTS_NAME, "configuration_metaperturb.py", "modeling_metaperturb.py",
                  META_TRAINING_FILE)
@@ -225,9 +224,7 @@ def card_for_folder(folder: str | Path, model_name: str, results: dict[str, list
                     source: str | None = None, location: str | None = None) -> ModelCard:
     """The card of a φ saved in `folder` (save_pretrained + meta_training.json)."""
     folder = Path(folder)
-    record = folder / META_TRAINING_FILE
-    meta_training = json.loads(record.read_text()) if record.is_file() else {}
-    return build_model_card(meta_training, results, model_name=model_name, location=location, source=source,
+    return build_model_card(read_record(folder), results, model_name=model_name, location=location, source=source,
                             weights_sha256=file_sha256(folder / WEIGHTS_NAME))
 
 

@@ -10,8 +10,6 @@ Randomness (classifier init, batches, augmentation, noise) is drawn per task fro
 so a run depends on its seed and task set, not on how many processes share the tasks.
 """
 
-import copy
-import json
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -28,13 +26,12 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from . import checkpointing
+from . import checkpointing, meta_checkpoint
 from .architectures import create_model, list_models
 from .configuration_metaperturb import MetaPerturbConfig
 from .data import BatchSampler
-from .hub import META_TRAINING_FILE
 from .injection import add_perturbation
-from .loading import load_perturbation
+from .meta_training_record import build_record, write_record
 from .modeling_metaperturb import MetaPerturbModel
 from .tasks import Task
 from .tracking import JsonlTracker
@@ -450,25 +447,7 @@ class MetaTrainer:
     # --------------------------------------------------------------------------------------------- saving
     def save_checkpoint(self) -> Path:
         """Every process writes its tasks, the main process φ; the folder appears only when complete."""
-        accelerator, root = self.accelerator, self.output_dir / "checkpoints"
-        staging = checkpointing.staging_path(root, self.step)
-        if accelerator.is_main_process:
-            checkpointing.fresh_staging(root, self.step)
-        self._barrier("the start of the checkpoint write")
-        for learner in self.learners:
-            checkpointing.save_file_atomically(learner.state_dict(), staging / f"task-{learner.task.task_id}.pt")
-        if accelerator.is_main_process:
-            self.phi.save_pretrained(staging / "perturbation")
-            checkpointing.save_file_atomically(
-                {"phi_optimizer": self.phi_optimizer.state_dict(), "step": self.step, "num_tasks": self.num_tasks},
-                staging / "trainer_state.pt",
-            )
-        self._barrier("the end of the checkpoint write")
-        path = checkpointing.checkpoint_path(root, self.step)
-        if accelerator.is_main_process:
-            checkpointing.publish(root, self.step, keep=self.config.keep_checkpoints)
-        self._barrier("the publication of the checkpoint")
-        return path
+        return meta_checkpoint.write(self.output_dir / "checkpoints", self.step, self, self._barrier)
 
     def _barrier(self, what: str) -> None:
         with self._collective(what):
@@ -501,57 +480,9 @@ class MetaTrainer:
         if checkpoint is None:
             self.accelerator.print(f"No checkpoint under {self.output_dir / 'checkpoints'}; starting from step 0.")
             return 0
-        # Read every file before touching anything, and roll back if applying fails: all of it or nothing.
-        state = self._read_checkpoint_file(checkpoint, "trainer_state.pt", checkpointing.load_trusted)
-        if not isinstance(state, dict) or not {"num_tasks", "step", "phi_optimizer"} <= set(state):
-            raise ValueError(f"{checkpoint / 'trainer_state.pt'} is not a trainer state; nothing was restored.")
-        if state["num_tasks"] != self.num_tasks:
-            raise ValueError(f"{checkpoint} was written for {state['num_tasks']} tasks, this run has {self.num_tasks}.")
-        saved_phi = self._read_checkpoint_file(checkpoint, "perturbation", load_perturbation)
-        task_states = {
-            learner: self._read_checkpoint_file(checkpoint, f"task-{learner.task.task_id}.pt",
-                                                checkpointing.load_trusted)
-            for learner in self.learners
-        }
-        before = copy.deepcopy(self._resumable_state())
-        try:
-            with torch.no_grad():
-                for parameter, saved in zip(self.phi_parameters, saved_phi.parameters(), strict=True):
-                    parameter.copy_(saved)
-            self.phi_optimizer.load_state_dict(state["phi_optimizer"])
-            for learner, task_state in task_states.items():
-                learner.load_state_dict(task_state)
-        except Exception as error:
-            self._restore_resumable_state(before)
-            raise ValueError(f"{checkpoint} does not fit this run ({error}); nothing was restored.") from error
-        self.step = int(state["step"])
+        self.step = meta_checkpoint.restore(checkpoint, self)
         self.accelerator.print(f"Resumed from {checkpoint} at step {self.step}.")
         return self.step
-
-    @staticmethod
-    def _read_checkpoint_file(checkpoint: Path, name: str, reader):
-        try:
-            return reader(checkpoint / name)
-        except Exception as error:
-            raise ValueError(
-                f"Cannot read {checkpoint / name} ({type(error).__name__}: {checkpointing.load_error_reason(error)}); "
-                "nothing was restored. The checkpoint is damaged: resume from an earlier one with --resume <path>."
-            ) from error
-
-    def _resumable_state(self) -> dict:
-        return {
-            "phi": [p.detach() for p in self.phi_parameters],
-            "phi_optimizer": self.phi_optimizer.state_dict(),
-            "learners": [learner.state_dict() for learner in self.learners],
-        }
-
-    def _restore_resumable_state(self, saved: dict) -> None:
-        with torch.no_grad():
-            for parameter, value in zip(self.phi_parameters, saved["phi"]):
-                parameter.copy_(value)
-        self.phi_optimizer.load_state_dict(saved["phi_optimizer"])
-        for learner, learner_state in zip(self.learners, saved["learners"]):
-            learner.load_state_dict(learner_state)
 
     def _run_description(self) -> dict:
         return {
@@ -566,31 +497,5 @@ class MetaTrainer:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.phi.save_pretrained(self.output_dir)
-        record = {
-            "source_dataset": self.config.source,
-            "num_tasks": self.num_tasks,
-            "classes_per_task": [len(task.classes) for task in self.tasks],
-            "tasks": [
-                {"task_id": t.task_id, "group": t.group, "classes": t.classes, "architecture":
-                 self.config.architectures[t.task_id % len(self.config.architectures)]}
-                for t in self.tasks
-            ],
-            "architectures": self.config.architectures,
-            "steps": self.step,
-            "batch_size": self.config.batch_size,
-            "learning_rate": self.config.learning_rate,
-            "weight_decay": self.config.weight_decay,
-            "phi_weight_decay": self.config.phi_weight_decay,
-            "phi_weight_decay_mode": self.config.phi_weight_decay_mode,
-            "phi_weight_decay_start": self.config.phi_weight_decay_start,
-            "phi_init_std": self.config.phi_init_std,
-            "phi_init_average": self.config.phi_init_average,
-            "image_size": self.config.image_size,
-            "lookahead": self.config.lookahead,
-            "seed": self.config.seed,
-            "num_processes": self.accelerator.num_processes,
-            "mixed_precision": self.config.mixed_precision,
-            "wall_seconds_this_run": round(wall_seconds, 1),
-            "final_metrics": self._last_metrics,
-        }
-        (self.output_dir / META_TRAINING_FILE).write_text(json.dumps(record, indent=2))
+        write_record(self.output_dir, build_record(self.config, self.tasks, self.step, self.accelerator.num_processes,
+                                                   wall_seconds, self._last_metrics))
