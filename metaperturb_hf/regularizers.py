@@ -10,7 +10,6 @@ Each baseline wraps a classifier exactly like `PerturbedModel` does (forward hoo
 Every regularizer acts only in training mode: in `eval()` the wrapped model's outputs are reproduced exactly.
 """
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from .classifier_io import classifier_logits, input_name_for
 from .injection import Site, SiteWrapper, resolve_sites
 from .perturbation_config import PLACEMENT_FIELDS, PerturbationConfig
+from .regularization_ops import drop_block_2d, information_dropout, information_dropout_kl, mixup
 
 __all__ = [
     "REGULARIZERS",
@@ -85,13 +85,9 @@ class DropoutRegularizer(RegularizedModel):
 
 
 class DropBlockRegularizer(RegularizedModel):
-    """DropBlock (Ghiasi, Lin & Le, "DropBlock: A regularization method for convolutional networks", NeurIPS 2018).
-
-    Drops contiguous `block_size`×`block_size` regions, which removes spatially correlated information that plain
-    dropout leaves recoverable from neighbours. Each channel gets its own mask, as in the authors' TPU code. Seeds are
-    drawn only where a whole block fits, with γ = p / bs² · HW / ((H − bs + 1)(W − bs + 1)), and the kept units are
-    rescaled by the kept fraction. Flat (B, C) features and 1×1 maps have no neighbourhood: plain dropout there.
-    """
+    """DropBlock (Ghiasi, Lin & Le, "DropBlock: A regularization method for convolutional networks", NeurIPS 2018)
+    at every site: drops contiguous regions, which removes spatially correlated information that plain dropout leaves
+    recoverable from neighbours (`regularization_ops.drop_block_2d`)."""
 
     def __init__(
         self, model: nn.Module, sites: Sequence[Site], drop_prob: float = 0.1, block_size: int = 3, **kwargs
@@ -107,23 +103,7 @@ class DropBlockRegularizer(RegularizedModel):
         self.drop_prob = _check_probability("drop_prob", drop_prob)
 
     def regularize(self, key, hidden_states):
-        if self.drop_prob == 0.0:
-            return hidden_states
-        if hidden_states.dim() != 4 or hidden_states.shape[-2:] == (1, 1):
-            return F.dropout(hidden_states, self.drop_prob, training=True)
-        return hidden_states * self.block_mask(hidden_states)
-
-    def block_mask(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Keep-mask of `hidden_states`' shape, already divided by the kept fraction."""
-        height, width = hidden_states.shape[-2:]
-        size = min(self.block_size, height, width)
-        valid = (height - size + 1, width - size + 1)
-        gamma = self.drop_prob / size**2 * height * width / (valid[0] * valid[1])
-        seeds = torch.rand(*hidden_states.shape[:2], *valid, device=hidden_states.device) < min(gamma, 1.0)
-        # Padding by size-1 and a size×size max-pool grows each seed into the block whose top-left corner it marks.
-        dropped = F.max_pool2d(F.pad(seeds.to(hidden_states.dtype), (size - 1,) * 4), size, stride=1)
-        keep = 1.0 - dropped
-        return keep * (keep.numel() / keep.sum().clamp(min=1.0))
+        return drop_block_2d(hidden_states, self.drop_prob, self.block_size)
 
 
 class ManifoldMixupRegularizer(RegularizedModel):
@@ -149,7 +129,7 @@ class ManifoldMixupRegularizer(RegularizedModel):
             return hidden_states
         _, lam, perm = self._pending
         self._pending = None
-        return lam * hidden_states + (1.0 - lam) * hidden_states[perm]
+        return mixup(hidden_states, lam, perm)
 
     def training_loss(self, images, labels):
         layer = int(torch.randint(len(self.sites) + 1, ()))
@@ -157,7 +137,7 @@ class ManifoldMixupRegularizer(RegularizedModel):
         perm = torch.randperm(images.shape[0], device=images.device)
         self.last_mix = ("input" if layer == 0 else self.sites[layer - 1].name, lam, perm)
         if layer == 0:
-            images = lam * images + (1.0 - lam) * images[perm]
+            images = mixup(images, lam, perm)
         else:
             self._pending = (self.site_keys[layer - 1], lam, perm)
         try:
@@ -215,8 +195,8 @@ class InformationDropoutRegularizer(RegularizedModel):
 
     def regularize(self, key, hidden_states):
         log_alpha = self.log_alpha(key, hidden_states)
-        self._kl[key] = (math.log(self.max_alpha + 0.001) - log_alpha).mean()
-        return hidden_states * torch.exp(log_alpha.exp() * torch.randn_like(hidden_states))
+        self._kl[key] = information_dropout_kl(log_alpha, self.max_alpha)
+        return information_dropout(hidden_states, log_alpha)
 
     def kl_term(self) -> torch.Tensor:
         """Mean KL of the last training forward pass over its sites (0 before any)."""

@@ -247,3 +247,18 @@ def test_a_module_with_two_sites_perturbs_each_call_once():
     reg.regularize = lambda key, h: calls.append(key) or h
     reg.train()(torch.randn(3, 4))
     assert calls == list(reg.site_keys)
+
+
+def test_drop_block_2d_drops_whole_blocks_and_keeps_the_expected_mass():
+    from metaperturb_hf.regularization_ops import drop_block_2d
+
+    torch.manual_seed(0)
+    x = torch.ones(64, 4, 12, 12)
+    out = drop_block_2d(x, drop_prob=0.2, block_size=3)
+    dropped = out == 0
+    assert 0.1 < dropped.float().mean() < 0.3
+    # Every dropped unit lies in a dropped 3×3 block: eroding the mask by a 3×3 window leaves one behind for each.
+    blocks = -F.max_pool2d(-dropped.float(), 3, stride=1)
+    assert torch.equal(F.max_pool2d(F.pad(blocks, (2,) * 4), 3, stride=1).bool(), dropped)
+    torch.testing.assert_close(out.mean(), torch.tensor(1.0))  # rescaled by the kept fraction of the batch
+    assert drop_block_2d(x, 0.0, 3) is x
