@@ -181,3 +181,11 @@ def test_transfer_script_trains_a_transformers_classifier_from_its_config(target
     records = json.loads(output.read_text())["records"]
     assert [r["method"] for r in records] == ["metaperturb", "metaperturb_single_pass"]
     assert all(r["arch"] == f"hf:{tmp_path / 'cfg'}" and 0 <= r["accuracy"] <= 1 for r in records)
+
+
+@pytest.mark.parametrize("script", sorted(path.stem for path in EXAMPLES.glob("*.py")))
+def test_every_example_explains_itself_with_help(script, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        load_script(script).main(["--help"])
+    assert stopped.value.code == 0
+    assert "usage:" in capsys.readouterr().out
