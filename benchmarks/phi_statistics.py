@@ -9,6 +9,7 @@ regularization, which a short transfer schedule may not absorb. Appends one JSON
 benchmarks/results/phi_statistics.jsonl.
 
     python benchmarks/phi_statistics.py [--target ../shared/data/cifar10_32] [--archs conv4,resnet20]
+        [--perturbations NAME=PATH,...]     # default: every φ in hub_cards/ and the authors'
 """
 
 import argparse
@@ -22,9 +23,10 @@ from metaperturb_hf.data import load_image_dataset, normalize, to_tensors
 from metaperturb_hf.methods import apply_method, build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every released φ (named as in the cards' columns) and the authors' checkpoint.
 PERTURBATIONS = {
-    "tin-conv4": ROOT / "hub_cards" / "metaperturb-tin-conv4",
-    "tin-resnet20": ROOT / "hub_cards" / "metaperturb-tin-resnet20",
+    **{folder.name.removeprefix("metaperturb-"): folder for folder in sorted((ROOT / "hub_cards").iterdir())
+       if (folder / "model.safetensors").is_file()},
     "authors-tin-resnet20": ROOT.parent / "shared" / "reference" / "official_tin_resnet20_perturb_750.pth",
 }
 
@@ -54,13 +56,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=str(ROOT.parent / "shared" / "data" / "cifar10_32"))
     parser.add_argument("--archs", default="conv4,resnet20")
+    parser.add_argument("--perturbations", help="NAME=PATH,... (default: every φ in hub_cards/ and the authors')")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "phi_statistics.jsonl"))
     args = parser.parse_args()
+    chosen = dict(item.split("=", 1) for item in args.perturbations.split(",")) if args.perturbations else PERTURBATIONS
     train = to_tensors(load_image_dataset(args.target, "train"))
     torch.manual_seed(0)
     images = normalize(train.images[torch.randperm(len(train))[:128]])
     with open(args.output, "a") as out:
-        for name, path in PERTURBATIONS.items():
+        for name, path in chosen.items():
             if not Path(path).exists():
                 print(f"skipping {name}: {path} is absent")
                 continue
