@@ -90,8 +90,10 @@ def main(argv=None):
     results = {"mc": evaluate(model, test, num_samples=args.mc_samples, input_name="pixel_values")}
     calibration = trainer.get_train_dataloader()  # training images (augmented) for the single pass's BatchNorm
     model.calibrate_single_pass(({"pixel_values": batch["pixel_values"]} for batch in calibration), num_batches=50)
+    choice = model.choose_single_pass_statistics(({"pixel_values": batch["pixel_values"]} for batch in calibration),
+                                                 num_samples=max(2, args.mc_samples), num_batches=50)
     model.set_noise_mode("mean")
-    results["single_pass"] = evaluate(model, test, input_name="pixel_values")
+    results["single_pass"] = {**evaluate(model, test, input_name="pixel_values"), **choice}
     for mode, record in results.items():
         print(f"{mode:12s} test accuracy {100 * record['accuracy']:.2f} %  (NLL {record['nll']:.3f}, ECE {record['ece']:.3f})")
     output = Path(training_args.output_dir)

@@ -365,7 +365,8 @@ class PerturbedModel(SiteWrapper):
     its norms other activations. `calibrate_single_pass` re-estimates them under the single pass and keeps them as
     that mode's own: from then on, a forward in "mean" mode (φ in eval, at the calibrated κ) normalises with them,
     and every other forward with the classifier's own statistics, which training and MC use and which stay as they
-    were.
+    were. `choose_single_pass_statistics` then keeps whichever of the two makes the single pass agree more often
+    with MC on training images (the calibration suits plain networks, the statistics from training residual ones).
     """
 
     def __init__(
@@ -480,6 +481,52 @@ class PerturbedModel(SiteWrapper):
             raise ValueError("calibrate_single_pass got no batches: the data loader or iterable is empty.")
         self.single_pass_statistics = store
         return used
+
+    @torch.no_grad()
+    def choose_single_pass_statistics(self, batches: Iterable, num_samples: int = 10,
+                                      num_batches: int | None = None) -> dict:
+        r"""
+        Keep the calibrated single-pass statistics only if, with them, the single pass agrees more often with the
+        model's own Monte-Carlo prediction (top-1 class of the softmax averaged over `num_samples` draws) on
+        `batches` than with the statistics gathered in training; otherwise drop them (the single pass then
+        normalises with the classifier's own statistics). Ties keep the calibration.
+
+        Why a choice: neither set of statistics suits every network. In a plain chain (Conv4) re-estimating them
+        restores the feature scale that the next layers were trained on; in a residual network it also rescales every
+        branch against the identity path, which it leaves unchanged, and the statistics from training, whose means the
+        single pass matches, do better. Agreement with MC on training images needs neither labels nor test data.
+        Call it after `calibrate_single_pass`, on training batches (the same kinds of batches it takes). Returns the
+        two agreements (fractions of images) and the choice, `"calibrated"` or `"trained"`.
+        """
+        if self.single_pass_statistics is None:
+            raise ValueError("choose_single_pass_statistics compares a calibration with the statistics from training: "
+                             "call calibrate_single_pass(batches) first.")
+        if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 2:
+            raise ValueError(f"num_samples must be an integer >= 2 (the MC draws to agree with), got {num_samples!r}.")
+        device = next(self.model.parameters()).device
+        calibrated, mode = self.single_pass_statistics, self.noise_mode
+        agreements, images = {"calibrated": 0, "trained": 0}, 0
+        try:
+            with eval_mode(self):
+                for used, batch in enumerate(batches):
+                    if num_batches is not None and used >= num_batches:
+                        break
+                    args, kwargs = _model_inputs(batch, device)
+                    self.noise_mode = "sample"
+                    reference = self.predict_proba(*args, num_samples=num_samples, **kwargs).argmax(-1)
+                    self.noise_mode = "mean"
+                    for choice, statistics in (("calibrated", calibrated), ("trained", None)):
+                        self.single_pass_statistics = statistics
+                        agreements[choice] += (self.predict_proba(*args, **kwargs).argmax(-1) == reference).sum().item()
+                    images += len(reference)
+        finally:
+            self.noise_mode, self.single_pass_statistics = mode, calibrated
+        if images == 0:
+            raise ValueError("choose_single_pass_statistics got no batches: the data loader or iterable is empty.")
+        chosen = "calibrated" if agreements["calibrated"] >= agreements["trained"] else "trained"
+        if chosen == "trained":
+            self.single_pass_statistics = None
+        return {**{f"agreement_{choice}": count / images for choice, count in agreements.items()}, "chosen": chosen}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A state dict with single-pass statistics gives an uncalibrated model a place to load them into."""

@@ -65,22 +65,32 @@ def apply_method(model: nn.Module, method: str, image_size: int, perturbation: M
     return model
 
 
-def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: ImageTensors, batch_size: int) -> dict:
-    """`evaluate` of the single pass calibrated on unaugmented training batches, with two accuracies beside it.
+def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: ImageTensors, batch_size: int,
+                         mc_samples: int = 10) -> dict:
+    """`evaluate` of the single pass with the statistics `choose_single_pass_statistics` keeps, with the others beside.
 
-    `uncalibrated_accuracy`: the single pass with the statistics gathered in training; `noise_off_calibrated_accuracy`:
-    the classifier alone (κ = 0, the cost of a plain forward) with statistics calibrated at κ = 0. The model is left
-    in "mean" mode, calibrated at the κ it came with.
+    Both candidates are measured: `uncalibrated_accuracy` (the statistics gathered in training) and
+    `calibrated_accuracy` (re-estimated under the single pass on unaugmented training batches); `chosen_statistics`
+    says which one the record is, chosen by top-1 agreement with MC-`mc_samples` on the same training batches
+    (`agreement_trained`, `agreement_calibrated`). `noise_off_calibrated_accuracy`: the classifier alone (κ = 0, the
+    cost of a plain forward) with statistics calibrated at κ = 0. The model is left in "mean" mode with the chosen
+    statistics, at the κ it came with.
     """
     model.set_noise_mode("mean")
-    uncalibrated = evaluate(model, test)["accuracy"]
+    uncalibrated = evaluate(model, test)
     kappa = model.noise_coeff
     model.set_noise_coeff(0.0)
     model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
     noise_off = evaluate(model, test)["accuracy"]
     model.set_noise_coeff(kappa)
     used = model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
-    return {**evaluate(model, test), "uncalibrated_accuracy": uncalibrated, "noise_off_calibrated_accuracy": noise_off,
+    calibrated = evaluate(model, test)
+    choice = model.choose_single_pass_statistics(normalized_batches(train, batch_size), max(2, mc_samples),
+                                                 CALIBRATION_BATCHES)
+    chosen = calibrated if choice["chosen"] == "calibrated" else uncalibrated
+    return {**chosen, "uncalibrated_accuracy": uncalibrated["accuracy"], "calibrated_accuracy": calibrated["accuracy"],
+            "chosen_statistics": choice["chosen"], "agreement_trained": choice["agreement_trained"],
+            "agreement_calibrated": choice["agreement_calibrated"], "noise_off_calibrated_accuracy": noise_off,
             "calibration_batches": used}
 
 
@@ -98,8 +108,8 @@ def run_transfer(
 ) -> list[dict]:
     """Train one (method, arch, seed) run and return its evaluation records (two for MetaPerturb: MC and single pass).
 
-    MetaPerturb's single pass is calibrated first (`evaluate_single_pass`); its record also holds the accuracy before
-    calibration and that of the classifier alone calibrated without noise.
+    MetaPerturb's single pass uses the statistics `evaluate_single_pass` chooses (calibrated or from training); its
+    record also holds the accuracy with each and that of the classifier alone calibrated without noise.
     `save_model` writes the trained network's state dict there (atomically), e.g. a source network for the
     "finetune" baseline; for MetaPerturb the whole `PerturbedModel.state_dict()` (φ, site and single-pass
     statistics included), which `add_perturbation` + `load_state_dict` restore and `init_from` also accepts.
@@ -115,7 +125,7 @@ def run_transfer(
     records = [{**base, **evaluate(model, test, num_samples=mc_samples if method == "metaperturb" else 1)}]
     if method == "metaperturb":
         records.append({**base, "method": "metaperturb_single_pass",
-                        **evaluate_single_pass(model, train, test, config.batch_size)})
+                        **evaluate_single_pass(model, train, test, config.batch_size, mc_samples)})
     if save_model:  # a MetaPerturb run whole; a regularized network without its wrapper
         unwrapped = isinstance(model, SiteWrapper) and not isinstance(model, PerturbedModel)
         save_state_dict(model.model if unwrapped else model, save_model)

@@ -166,7 +166,9 @@ def test_trainer_transfer_trains_resumes_and_saves_a_transformers_classifier(tar
     assert results["mc"]["num_samples"] == 2 and results["single_pass"]["mode"] == "single_pass"
     assert all(0 <= record["accuracy"] <= 1 and record["n"] == 12 for record in results.values())
     saved = tmp_path / "perturbed-model"
-    assert {"config.json", "model.safetensors", "single_pass_statistics.safetensors"} <= {p.name for p in saved.iterdir()}
+    assert {"config.json", "model.safetensors"} <= {p.name for p in saved.iterdir()}
+    calibrated = results["single_pass"]["chosen"] == "calibrated"
+    assert (saved / "single_pass_statistics.safetensors").is_file() == calibrated
 
 
 def test_transfer_script_trains_a_transformers_classifier_from_its_config(target, phi_dir, tmp_path):

@@ -24,6 +24,6 @@ def test_usage_example_runs(official_checkpoint, tmp_path, monkeypatch):
         assert (tmp_path / "perturbed-resnet" / name).is_file(), name
     model, loaded = namespace["model"], namespace["loaded"]
     assert loaded.perturbation_config == model.perturbation_config == PerturbationConfig(noise_mode="mean")
-    assert loaded.sites == model.sites and loaded.single_pass_calibrated
+    assert loaded.sites == model.sites and loaded.single_pass_calibrated == model.single_pass_calibrated
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -233,9 +233,54 @@ def test_run_transfer_reports_both_passes_and_saves_the_calibrated_run(perturbat
     assert single["calibration_batches"] == 3
     assert 0 <= single["uncalibrated_accuracy"] <= 1 and 0 <= single["noise_off_calibrated_accuracy"] <= 1
 
+    assert single["chosen_statistics"] in ("calibrated", "trained")
+    assert single["accuracy"] == single[f"{'un' if single['chosen_statistics'] == 'trained' else ''}calibrated_accuracy"]
+    assert 0 <= single["agreement_trained"] <= 1 and 0 <= single["agreement_calibrated"] <= 1
+
     state = torch.load(saved, weights_only=True)
-    assert any(key.startswith("single_pass_statistics.") for key in state)
+    calibrated = single["chosen_statistics"] == "calibrated"
+    assert any(key.startswith("single_pass_statistics.") for key in state) == calibrated
     restored = apply_method(build_classifier("conv4", 3, 16, 0), "metaperturb", 16, copy.deepcopy(perturbation))
     restored.load_state_dict(state)
-    assert restored.single_pass_calibrated and float(restored.single_pass_statistics.noise_coeff) == 1.0
+    assert restored.single_pass_calibrated == calibrated
     build_classifier("conv4", 3, 16, 0, init_from=str(saved))  # a saved run is also a source network for finetune
+
+
+def test_the_choice_counts_top1_agreement_with_mc_and_keeps_the_better_statistics(perturbation):
+    model = trained_conv4(perturbation)
+    batches = calibration_batches(count=3)
+    model.calibrate_single_pass(batches)
+    calibrated = model.single_pass_statistics
+    torch.manual_seed(5)
+    choice = model.choose_single_pass_statistics(batches, num_samples=4)
+
+    torch.manual_seed(5)  # the same draws: the single passes in between draw no noise
+    references = [model.predict_proba(x, num_samples=4).argmax(-1) for x in batches]
+    model.set_noise_mode("mean")
+    model.single_pass_statistics = calibrated
+    with_calibration = sum((model(x).argmax(-1) == r).sum().item() for x, r in zip(batches, references)) / 48
+    model.single_pass_statistics = None
+    with_training = sum((model(x).argmax(-1) == r).sum().item() for x, r in zip(batches, references)) / 48
+    assert choice["agreement_calibrated"] == pytest.approx(with_calibration)
+    assert choice["agreement_trained"] == pytest.approx(with_training)
+    assert choice["chosen"] == ("calibrated" if with_calibration >= with_training else "trained")
+
+
+def test_a_calibration_that_misleads_the_single_pass_is_dropped(perturbation):
+    model = trained_conv4(perturbation)
+    model.calibrate_single_pass([x.mean((2, 3), keepdim=True).expand_as(x) for x in calibration_batches()])  # flat
+    choice = model.choose_single_pass_statistics(calibration_batches(), num_samples=8)
+    assert choice["chosen"] == "trained" and choice["agreement_trained"] > choice["agreement_calibrated"]
+    assert model.single_pass_statistics is None and model.noise_mode == "sample" and not model.training
+
+
+def test_choosing_needs_a_calibration_draws_and_batches(perturbation):
+    model = trained_conv4(perturbation)
+    with pytest.raises(ValueError, match="calibrate_single_pass"):
+        model.choose_single_pass_statistics(calibration_batches())
+    model.calibrate_single_pass(calibration_batches())
+    with pytest.raises(ValueError, match="num_samples"):
+        model.choose_single_pass_statistics(calibration_batches(), num_samples=1)
+    with pytest.raises(ValueError, match="no batches"):
+        model.choose_single_pass_statistics([])
+    assert model.single_pass_calibrated and model.noise_mode == "sample"
