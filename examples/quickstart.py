@@ -75,7 +75,7 @@ def train_and_test(train: ImageTensors, test: ImageTensors, phi: MetaPerturbMode
             return {"none": accuracy(model, test)}
         results = {"metaperturb": accuracy(lambda x: model.predict_proba(x, num_samples=args.mc_samples), test)}
         # One deterministic pass instead of MC, with BatchNorm statistics of its own re-estimated on training images,
-        # kept if the single pass then agrees more often with MC there than with the statistics from training.
+        # blended with the statistics from training by the weight whose single pass agrees most often with MC there.
         model.calibrate_single_pass(normalize(chunk) for chunk in train.images.split(args.batch_size))
         model.choose_single_pass_statistics(normalize(chunk) for chunk in train.images.split(args.batch_size))
         model.set_noise_mode("mean")

@@ -13,7 +13,7 @@ from torch import nn
 from .architectures import create_model
 from .data import ImageTensors
 from .evaluation import evaluate, normalized_batches
-from .injection import PerturbedModel, SiteWrapper, add_perturbation
+from .injection import SINGLE_PASS_BLEND_WEIGHTS, PerturbedModel, SiteWrapper, add_perturbation
 from .modeling_metaperturb import MetaPerturbModel
 from .regularizers import REGULARIZERS, add_regularizer
 from .transfer import TransferConfig, train_classifier
@@ -67,31 +67,36 @@ def apply_method(model: nn.Module, method: str, image_size: int, perturbation: M
 
 def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: ImageTensors, batch_size: int,
                          mc_samples: int = 10) -> dict:
-    """`evaluate` of the single pass with the statistics `choose_single_pass_statistics` keeps, with the others beside.
+    """`evaluate` of the single pass with the statistics `choose_single_pass_statistics` gives it, and every other
+    candidate's accuracy beside it.
 
-    Both candidates are measured: `uncalibrated_accuracy` (the statistics gathered in training) and
-    `calibrated_accuracy` (re-estimated under the single pass on unaugmented training batches); `chosen_statistics`
-    says which one the record is, chosen by top-1 agreement with MC-`mc_samples` on the same training batches
-    (`agreement_trained`, `agreement_calibrated`). `noise_off_calibrated_accuracy`: the classifier alone (κ = 0, the
-    cost of a plain forward) with statistics calibrated at κ = 0. The model is left in "mean" mode with the chosen
-    statistics, at the κ it came with.
+    The single pass is calibrated on unaugmented training batches, then blended with the statistics from training
+    by the weight (`single_pass_weight`) whose single pass agrees most often with MC-`mc_samples` on the same batches
+    (`agreement_by_weight`); `accuracy_by_weight` is the test accuracy of every blend, so that `uncalibrated_accuracy`
+    (weight 0) and `calibrated_accuracy` (weight 1) are two of them. `noise_off_calibrated_accuracy`: the classifier
+    alone (κ = 0, the cost of a plain forward) with statistics calibrated at κ = 0. The model is left in "mean" mode
+    with the chosen statistics, at the κ it came with.
     """
     model.set_noise_mode("mean")
-    uncalibrated = evaluate(model, test)
     kappa = model.noise_coeff
     model.set_noise_coeff(0.0)
     model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
     noise_off = evaluate(model, test)["accuracy"]
     model.set_noise_coeff(kappa)
     used = model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
-    calibrated = evaluate(model, test)
+    calibrated = model.single_pass_statistics
+    by_weight = {}
+    for weight in SINGLE_PASS_BLEND_WEIGHTS:
+        model.single_pass_statistics = model.single_pass_blend(weight)
+        by_weight[weight] = evaluate(model, test)
+        model.single_pass_statistics = calibrated
     choice = model.choose_single_pass_statistics(normalized_batches(train, batch_size), max(2, mc_samples),
-                                                 CALIBRATION_BATCHES)
-    chosen = calibrated if choice["chosen"] == "calibrated" else uncalibrated
-    return {**chosen, "uncalibrated_accuracy": uncalibrated["accuracy"], "calibrated_accuracy": calibrated["accuracy"],
-            "chosen_statistics": choice["chosen"], "agreement_trained": choice["agreement_trained"],
-            "agreement_calibrated": choice["agreement_calibrated"], "noise_off_calibrated_accuracy": noise_off,
-            "calibration_batches": used}
+                                                 CALIBRATION_BATCHES, SINGLE_PASS_BLEND_WEIGHTS)
+    return {**by_weight[choice["weight"]], "single_pass_weight": choice["weight"],
+            "agreement_by_weight": {str(a): value for a, value in choice["agreements"].items()},
+            "accuracy_by_weight": {str(a): record["accuracy"] for a, record in by_weight.items()},
+            "uncalibrated_accuracy": by_weight[0.0]["accuracy"], "calibrated_accuracy": by_weight[1.0]["accuracy"],
+            "noise_off_calibrated_accuracy": noise_off, "calibration_batches": used}
 
 
 def run_transfer(

@@ -11,7 +11,7 @@ from torch import nn
 
 from metaperturb_hf import PerturbedModel, add_perturbation
 from metaperturb_hf.architectures import create_model
-from metaperturb_hf.injection import SINGLE_PASS_WEIGHTS_NAME
+from metaperturb_hf.injection import SINGLE_PASS_BLEND_WEIGHTS, SINGLE_PASS_WEIGHTS_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,12 +233,14 @@ def test_run_transfer_reports_both_passes_and_saves_the_calibrated_run(perturbat
     assert single["calibration_batches"] == 3
     assert 0 <= single["uncalibrated_accuracy"] <= 1 and 0 <= single["noise_off_calibrated_accuracy"] <= 1
 
-    assert single["chosen_statistics"] in ("calibrated", "trained")
-    assert single["accuracy"] == single[f"{'un' if single['chosen_statistics'] == 'trained' else ''}calibrated_accuracy"]
-    assert 0 <= single["agreement_trained"] <= 1 and 0 <= single["agreement_calibrated"] <= 1
+    weight = single["single_pass_weight"]
+    assert weight in SINGLE_PASS_BLEND_WEIGHTS and set(single["accuracy_by_weight"]) == set(single["agreement_by_weight"])
+    assert single["accuracy"] == single["accuracy_by_weight"][str(weight)]
+    assert single["uncalibrated_accuracy"] == single["accuracy_by_weight"]["0.0"]
+    assert single["calibrated_accuracy"] == single["accuracy_by_weight"]["1.0"]
 
     state = torch.load(saved, weights_only=True)
-    calibrated = single["chosen_statistics"] == "calibrated"
+    calibrated = weight > 0
     assert any(key.startswith("single_pass_statistics.") for key in state) == calibrated
     restored = apply_method(build_classifier("conv4", 3, 16, 0), "metaperturb", 16, copy.deepcopy(perturbation))
     restored.load_state_dict(state)
@@ -246,41 +248,56 @@ def test_run_transfer_reports_both_passes_and_saves_the_calibrated_run(perturbat
     build_classifier("conv4", 3, 16, 0, init_from=str(saved))  # a saved run is also a source network for finetune
 
 
-def test_the_choice_counts_top1_agreement_with_mc_and_keeps_the_better_statistics(perturbation):
+def test_the_choice_counts_top1_agreement_with_mc_for_every_blend_and_keeps_the_best(perturbation):
     model = trained_conv4(perturbation)
     batches = calibration_batches(count=3)
     model.calibrate_single_pass(batches)
-    calibrated = model.single_pass_statistics
+    calibrated = copy.deepcopy(model.single_pass_statistics)
     torch.manual_seed(5)
-    choice = model.choose_single_pass_statistics(batches, num_samples=4)
+    choice = model.choose_single_pass_statistics(batches, num_samples=4, weights=(1.0, 0.0, 0.5))
 
     torch.manual_seed(5)  # the same draws: the single passes in between draw no noise
     references = [model.predict_proba(x, num_samples=4).argmax(-1) for x in batches]
+    expected = {weight: sum((blended_pass(model, calibrated, weight, x).argmax(-1) == r).sum().item()
+                            for x, r in zip(batches, references)) / 48
+                for weight in (0.0, 0.5, 1.0)}
+    assert choice["agreements"] == pytest.approx(expected)
+    best = max(expected.values())
+    assert choice["weight"] == max(a for a, value in expected.items() if value == best)
     model.set_noise_mode("mean")
-    model.single_pass_statistics = calibrated
-    with_calibration = sum((model(x).argmax(-1) == r).sum().item() for x, r in zip(batches, references)) / 48
-    model.single_pass_statistics = None
-    with_training = sum((model(x).argmax(-1) == r).sum().item() for x, r in zip(batches, references)) / 48
-    assert choice["agreement_calibrated"] == pytest.approx(with_calibration)
-    assert choice["agreement_trained"] == pytest.approx(with_training)
-    assert choice["chosen"] == ("calibrated" if with_calibration >= with_training else "trained")
+    for x in batches:  # the model now single-passes with the chosen blend
+        assert torch.allclose(model(x), blended_pass(model, calibrated, choice["weight"], x), atol=1e-5)
+
+
+def blended_pass(model, calibrated, weight, x):
+    """The single pass of a copy of `model` whose own statistics are the blend and that has none of its own."""
+    other = copy.deepcopy(model)
+    other.single_pass_statistics = None
+    other.set_noise_mode("mean")
+    with torch.no_grad():
+        for norm, own in zip(batchnorms(other), calibrated.norms.values(), strict=True):
+            norm.running_mean.lerp_(own.running_mean, weight)
+            norm.running_var.lerp_(own.running_var, weight)
+    return other(x)
 
 
 def test_a_calibration_that_misleads_the_single_pass_is_dropped(perturbation):
     model = trained_conv4(perturbation)
     model.calibrate_single_pass([x.mean((2, 3), keepdim=True).expand_as(x) for x in calibration_batches()])  # flat
-    choice = model.choose_single_pass_statistics(calibration_batches(), num_samples=8)
-    assert choice["chosen"] == "trained" and choice["agreement_trained"] > choice["agreement_calibrated"]
+    choice = model.choose_single_pass_statistics(calibration_batches(), num_samples=8, weights=(0.0, 1.0))
+    assert choice["weight"] == 0.0 and choice["agreements"][0.0] > choice["agreements"][1.0]
     assert model.single_pass_statistics is None and model.noise_mode == "sample" and not model.training
 
 
-def test_choosing_needs_a_calibration_draws_and_batches(perturbation):
+def test_choosing_needs_a_calibration_draws_weights_and_batches(perturbation):
     model = trained_conv4(perturbation)
     with pytest.raises(ValueError, match="calibrate_single_pass"):
         model.choose_single_pass_statistics(calibration_batches())
     model.calibrate_single_pass(calibration_batches())
     with pytest.raises(ValueError, match="num_samples"):
         model.choose_single_pass_statistics(calibration_batches(), num_samples=1)
+    with pytest.raises(ValueError, match="weights"):
+        model.choose_single_pass_statistics(calibration_batches(), weights=(0.5, 1.5))
     with pytest.raises(ValueError, match="no batches"):
         model.choose_single_pass_statistics([])
     assert model.single_pass_calibrated and model.noise_mode == "sample"
