@@ -1,0 +1,87 @@
+"""Two questions a transfer grid's records answer, as markdown tables: does MetaPerturb beat no perturbation, and how
+close does its single pass come to MC?
+
+1. Gain: per (target, network, φ) the mean ± std over seeds of MetaPerturb (MC) minus none, paired by seed, with
+   the number of seeds whose gain is positive.
+2. Single pass: per (target, network, φ) the mean over seeds of MC, of the single pass that
+   `choose_single_pass_statistics` picked (by agreement with MC on training images), of the fixed blends a = 0 (the
+   statistics from training) and a = 1 (fully calibrated), the largest shortfall of the chosen single pass below MC
+   over the seeds, and the blend weights chosen.
+
+    python benchmarks/grid_summary.py benchmarks/results/grid_1500.jsonl [--output benchmarks/results/grid_1500_summary.md]
+"""
+
+import argparse
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from metaperturb_hf.results import load_records
+
+
+def by_run(records: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """Records by (target, arch, source, seed), then by method."""
+    runs = defaultdict(dict)
+    for record in records:
+        runs[(record["target"], record["arch"], record["source"], record["seed"])][record["method"]] = record
+    return runs
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:+.2f} (1 seed)" if values else "–"
+    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
+
+
+def gain_table(records: list[dict]) -> str:
+    runs = by_run(records)
+    none = {(t, a, seed): methods["none"]["accuracy"] for (t, a, _, seed), methods in runs.items() if "none" in methods}
+    cells = defaultdict(list)
+    for (target, arch, source, seed), methods in sorted(runs.items()):
+        if "metaperturb" in methods and (target, arch, seed) in none:
+            cells[(target, arch, source)].append(100 * (methods["metaperturb"]["accuracy"] - none[(target, arch, seed)]))
+    lines = ["| target | network | φ | MC-10 − none (points, mean ± std) | seeds with a gain |", "|---|---|---|---|---|"]
+    for (target, arch, source), gains in sorted(cells.items()):
+        lines.append(f"| {target} | {arch} | {source} | {mean_std(gains)} | {sum(g > 0 for g in gains)} of {len(gains)} |")
+    return "\n".join(lines) + "\n"
+
+
+def single_pass_table(records: list[dict]) -> str:
+    cells = defaultdict(list)
+    for (target, arch, source, _), methods in sorted(by_run(records).items()):
+        single = methods.get("metaperturb_single_pass")
+        if single and "metaperturb" in methods and "single_pass_weight" in single:
+            cells[(target, arch, source)].append((methods["metaperturb"], single))
+    lines = ["| target | network | φ | seeds | MC-10 | single pass (chosen) | a = 0 | a = 1 | largest shortfall below MC | "
+             "weights chosen |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (target, arch, source), pairs in sorted(cells.items()):
+        def mean(values):
+            return f"{statistics.mean(values):.2f}"
+        mc = [100 * m["accuracy"] for m, _ in pairs]
+        chosen = [100 * s["accuracy"] for _, s in pairs]
+        trained = [100 * s["accuracy_by_weight"]["0.0"] for _, s in pairs]
+        calibrated = [100 * s["accuracy_by_weight"]["1.0"] for _, s in pairs]
+        shortfall = max(a - b for a, b in zip(mc, chosen))
+        weights = ", ".join(f"{s['single_pass_weight']:g}" for _, s in pairs)
+        lines.append(f"| {target} | {arch} | {source} | {len(pairs)} | {mean(mc)} | {mean(chosen)} | {mean(trained)} | "
+                     f"{mean(calibrated)} | {shortfall:+.2f} | {weights} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("records", help="a transfer grid's JSONL records")
+    parser.add_argument("--output", help="also write the tables to this markdown file")
+    args = parser.parse_args()
+    records = load_records(args.records)
+    if not records:
+        parser.error(f"no records in {args.records}")
+    text = (f"MetaPerturb against no perturbation, paired by seed:\n\n{gain_table(records)}\n"
+            f"Single pass against MC-10 (test accuracy %, means over seeds):\n\n{single_pass_table(records)}")
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""benchmarks/grid_summary.py: gains paired by seed, and the single pass against MC, from a grid's records."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("grid_summary", ROOT / "benchmarks" / "grid_summary.py")
+grid_summary = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(grid_summary)
+
+
+def record(method, seed, accuracy, source="-", **extra):
+    return {"target": "cub", "arch": "conv4", "source": source, "seed": seed, "method": method,
+            "accuracy": accuracy, **extra}
+
+
+def single(seed, weight, by_weight):
+    return record("metaperturb_single_pass", seed, by_weight[str(weight)], "phi", single_pass_weight=weight,
+                  accuracy_by_weight=by_weight)
+
+
+def test_gains_are_paired_by_seed_and_counted():
+    records = [record("none", 0, 0.30), record("none", 1, 0.40), record("none", 2, 0.50),
+               record("metaperturb", 0, 0.32, "phi"), record("metaperturb", 1, 0.39, "phi")]  # seed 2 unfinished
+    row = grid_summary.gain_table(records).splitlines()[-1]
+    assert row == "| cub | conv4 | phi | +0.50 ± 2.12 | 1 of 2 |"
+
+
+def test_the_single_pass_row_reports_the_chosen_blend_and_the_worst_seed():
+    records = [record("metaperturb", 0, 0.30, "phi"), single(0, 0.5, {"0.0": 0.20, "0.5": 0.29, "1.0": 0.25}),
+               record("metaperturb", 1, 0.40, "phi"), single(1, 1.0, {"0.0": 0.30, "0.5": 0.38, "1.0": 0.41})]
+    row = grid_summary.single_pass_table(records).splitlines()[-1]
+    assert row == "| cub | conv4 | phi | 2 | 35.00 | 35.00 | 25.00 | 33.00 | +1.00 | 0.5, 1 |"
