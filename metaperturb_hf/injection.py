@@ -349,7 +349,6 @@ def _remember_kappa(store: SinglePassStatistics, incompatible_keys) -> None:
     store.kappa = float(store.noise_coeff)
 
 
-
 class PerturbedModel(SiteWrapper):
     r"""
     A classifier whose sites are perturbed by one shared `MetaPerturbModel`.
