@@ -21,7 +21,7 @@ def make_phi(dtype=torch.float32):
     return MetaPerturbModel(MetaPerturbConfig(initializer_range=0.3)).to(dtype)
 
 
-def run(phi, kernel, h, noise, *, training=True, kappa=1.0, clip=None, seed=None, input_grad=True):
+def run(phi, kernel, h, noise, *, training=True, kappa=1.0, clip=None, seed=None, input_grad=True, expected=False):
     """Output, running statistics and the gradients of input, λ, γ, K, w for one call with the given path."""
     phi.train(training)
     phi.zero_grad()
@@ -32,7 +32,8 @@ def run(phi, kernel, h, noise, *, training=True, kappa=1.0, clip=None, seed=None
     var = torch.rand(channels, 4, generator=generator, dtype=h.dtype).to(h.device)
     if seed is not None:
         torch.manual_seed(seed)
-    out = phi(x, mean, var, 64, 32, noise_coeff=kappa, noise=noise, clip_value=clip, kernel=kernel)
+    out = phi(x, mean, var, 64, 32, noise_coeff=kappa, noise=noise, clip_value=clip, expected_noise=expected,
+              kernel=kernel)
     upstream = torch.randn(out.shape, generator=generator, dtype=h.dtype).to(h.device)
     (out * upstream).sum().backward()
     grads = {name: p.grad for name, p in phi.named_parameters()}
@@ -70,16 +71,16 @@ CASES = {
 }
 
 
-def check_case(case, kernel, device="cpu"):
-    """One CASES entry on `kernel` against eager, with the same explicit noise."""
+def check_case(case, kernel, device="cpu", expected=False):
+    """One CASES entry on `kernel` against eager, with the same explicit noise (or none: the expected-noise mode)."""
     shape, training, kappa, clip, channels_last, dtype = CASES[case]
     phi = make_phi(dtype).to(device)
     generator = torch.Generator().manual_seed(2)
     h = (torch.randn(shape, generator=generator, dtype=dtype) * 2).to(device)
     if channels_last:
         h = h.contiguous(memory_format=torch.channels_last)
-    noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
-    options = dict(training=training, kappa=kappa, clip=clip)
+    noise = None if expected else torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    options = dict(training=training, kappa=kappa, clip=clip, expected=expected)
     fused, eager = run(phi, kernel, h, noise, **options), run(phi, "eager", h, noise, **options)
     if clip is not None and clip < 1:
         assert (eager["output"] == clip).any(), "the clamp must be reached for this case to test it"
@@ -89,6 +90,39 @@ def check_case(case, kernel, device="cpu"):
 @pytest.mark.parametrize("case", CASES)
 def test_fused_kernel_matches_eager_with_explicit_noise(case):
     check_case(case, "cpu")
+
+
+# the single pass's cases: evaluation mostly, but training and the clamp too (the backward is implemented as well)
+EXPECTED_CASES = ["train", "eval", "clip_reached", "kappa_0.3_eval_clip", "512_channels", "64_channels_32x32",
+                  "rows_across_tiles"]
+
+
+@pytest.mark.parametrize("case", EXPECTED_CASES)
+def test_fused_kernel_matches_eager_in_the_expected_noise_mode(case, fused_kernel, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused_kernel, "perturb", lambda *args, _run=fused_kernel.perturb, **kwargs:
+                        calls.append(kwargs["kernel"]) or _run(*args, **kwargs))
+    check_case(case, "cpu", expected=True)
+    assert calls == ["cpu"], "the expected-noise mode ran eager, not on the kernel"
+
+
+def check_expected_noise_at_extremes(kernel, device="cpu"):
+    """E[softplus(μ + ε)] where μ is far out (the exponentials' clamp, softplus' threshold) and near 0."""
+    phi = make_phi(torch.float64).to(device)
+    h = (torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 40).to(device)
+    with torch.no_grad():  # μ = 5 ReLU(h) − 10 mean_c ReLU(h) (centre taps only): hundreds either side of 0
+        for parameter in (phi.identity_kernels, phi.mean_kernels):
+            parameter.zero_()
+        phi.identity_kernels.view(2, 9)[:, 4] = torch.tensor([1.0, 5.0])
+        phi.mean_kernels.view(2, 9)[1, 4] = -10.0
+    mu = _eager_mu(phi, h)
+    assert mu.min() < -100 and mu.max() > 100 and (mu.abs() < 1).any()
+    assert_same(run(phi, kernel, h, None, expected=True, training=False),
+                run(phi, "eager", h, None, expected=True, training=False), tolerance=1e-9)
+
+
+def test_expected_noise_at_extreme_arguments():
+    check_expected_noise_at_extremes("cpu")
 
 
 def check_flat_features(kernel, device="cpu"):
@@ -201,12 +235,13 @@ def _eager_mu(phi, h):
         return _noise_generator(h, h.mean(1, keepdim=True), phi.identity_kernels, phi.mean_kernels)[1]
 
 
-def test_expected_noise_and_other_precisions_use_eager(fused_kernel, monkeypatch):
+def test_other_node_counts_and_precisions_use_eager(fused_kernel, monkeypatch):
     """What the kernel does not implement is routed to eager even when it is forced."""
     calls = []
     monkeypatch.setattr(fused_kernel, "perturb", lambda *args, **kwargs: calls.append(args))
     phi = make_phi()
     h = torch.randn(2, 3, 4, 4)
+    monkeypatch.setattr(phi, "expected_noise_nodes", 12)
     phi.eval()(h, torch.zeros(3, 4), torch.ones(3, 4), 8, 8, expected_noise=True, kernel="cpu")
     phi.to(torch.bfloat16)(h.bfloat16(), torch.zeros(3, 4), torch.ones(3, 4), 8, 8, kernel="cpu")
     assert calls == []

@@ -20,10 +20,12 @@ pytest.importorskip("triton")
 
 from test_kernels import (  # noqa: E402
     CASES,
+    EXPECTED_CASES,
     check_backward_sees_the_forward_noise,
     check_case,
     check_checkpointing_and_monitor,
     check_compile,
+    check_expected_noise_at_extremes,
     check_flat_features,
     check_manual_seed,
     check_only_the_wanted_gradients,
@@ -66,6 +68,15 @@ def ran_triton(triton_calls):
 @pytest.mark.parametrize("case", MATRIX)
 def test_triton_kernel_matches_eager_with_explicit_noise(case, ran_triton):
     check_case(case, "triton", DEVICE)
+
+
+@pytest.mark.parametrize("case", [case for case in EXPECTED_CASES if case in MATRIX])
+def test_triton_kernel_matches_eager_in_the_expected_noise_mode(case, ran_triton):
+    check_case(case, "triton", DEVICE, expected=True)
+
+
+def test_expected_noise_at_extreme_arguments(ran_triton):
+    check_expected_noise_at_extremes("triton", DEVICE)
 
 
 def test_flat_features_match_eager(ran_triton):
@@ -175,17 +186,20 @@ def signature(kernel, dtype):
 
 
 tile, stat = {"BLOCK_P": 64, "BLOCK_C": 16}, {"BLOCK_B": 64, "BLOCK_C": 16}
-every_branch = {"STATS": True, "ACTIVE": True, "TRAINING": True, "DRAWN": True, "CLIP": True, "NEEDS_INPUT": True,
-                "PARTIALS": True, "BLOCK": 1024}
+every_branch = {"STATS": True, "ACTIVE": True, "TRAINING": True, "DRAWN": True, "EXPECTED": False, "NODES": 8,
+                "CLIP": True, "NEEDS_INPUT": True, "PARTIALS": True, "BLOCK": 1024}
 compiled = []
 for name in sorted(vars(phi_triton)):
     kernel = getattr(phi_triton, name)
     if name.endswith("_kernel"):
         names = {p.name for p in kernel.params if p.is_constexpr}
-        constexprs = {k: v for k, v in {**every_branch, **(stat if "BLOCK_B" in names else tile)}.items() if k in names}
-        source = ASTSource(fn=kernel, signature=signature(kernel, "fp32"), constexprs=constexprs)
-        triton.compile(source, target=GPUTarget("cuda", 90, 32))
-        compiled.append(name)
+        # the expected-noise mode replaces the drawn noise: a second binary where a kernel has that branch
+        for mode in ({}, {"DRAWN": False, "EXPECTED": True}) if "EXPECTED" in names else ({},):
+            constexprs = {k: v for k, v in {**every_branch, **mode, **(stat if "BLOCK_B" in names else tile)}.items()
+                          if k in names}
+            source = ASTSource(fn=kernel, signature=signature(kernel, "fp32"), constexprs=constexprs)
+            triton.compile(source, target=GPUTarget("cuda", 90, 32))
+            compiled.append(name + (" (expected noise)" if mode else ""))
 print(json.dumps(compiled))
 '''
 
@@ -201,4 +215,4 @@ def test_every_kernel_compiles_for_an_sm90_gpu():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, cwd=root, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(json.loads(proc.stdout.splitlines()[-1])) == 8
+    assert len(json.loads(proc.stdout.splitlines()[-1])) == 10  # 8 kernels, 2 of them also in the expected mode

@@ -18,10 +18,11 @@ Which path runs: `METAPERTURB_KERNEL=auto|eager|cpu|triton` (or `phi.kernel` / `
 the kernel of the features' device (`triton` on CUDA, `cpu` elsewhere) where it loads and passed a one-time self-check
 against eager, else eager with one log line saying why; `cpu` and `triton` insist (an error if that kernel cannot be
 loaded or fails the check). Either way a kernel only takes what it implements: float32/float64 features on its device
-with φ in the same precision, 3×3 kernels and four statistics filters, drawn or explicit noise, and for Triton at most
-4096 channels (a tile holds every channel of its pixels). The expected-noise mode, other devices and dtypes, and a
-backward that is itself differentiated (create_graph, lookahead meta-training: it reruns φ's eager math on the same
-noise) use the eager code.
+with φ in the same precision, 3×3 kernels and four statistics filters, drawn or explicit noise or the expected-noise
+mode of the single pass (eager's 8-node Gauss–Hermite rule: the CPU kernel shares one exponential among the nodes), and
+for Triton at most 4096 channels (a tile holds every channel of its pixels). Other devices and dtypes, another node
+count, and a backward that is itself differentiated (create_graph, lookahead meta-training: it reruns φ's eager math on
+the same noise) use the eager code.
 """
 
 import functools
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("phi_cpu.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _MAX_TRITON_CHANNELS = 4096  # a Triton tile holds every channel of its pixels
+EXPECTED_NOISE_NODES = 8  # the expected-noise mode's Gauss–Hermite nodes, fixed in the kernels (kNodes in phi_cpu.cpp)
 _NAMES = {"cpu": ("CPU kernel", "built"), "triton": ("Triton kernel", "loaded")}  # for messages: what, and its failure
 _lock = threading.Lock()
 # per kernel: "module" or "error"; "checked": True or the self-check's failure; "logged" once eager was announced
@@ -109,16 +111,19 @@ def _cpu_model() -> str:
 @torch.library.custom_op("metaperturb::phi_forward", mutates_args=())
 def phi_forward(h: Tensor, identity_kernels: Tensor, mean_kernels: Tensor, stat_kernels: Tensor, scale_weight: Tensor,
                 running_mean: Tensor, running_var: Tensor, noise: Tensor | None, seed: Tensor | None,
-                noise_coeff: float, clip_value: float | None, channel_descriptor: float, spatial_descriptor: float,
+                quadrature: Tensor | None, noise_coeff: float, clip_value: float | None, channel_descriptor: float, spatial_descriptor: float,
                 training: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """φ's fused forward on `kernel` ("cpu" or "triton"): (output, s, mean z, pooled responses, features)."""
+    """φ's fused forward on `kernel` ("cpu" or "triton"): (output, s, mean z, pooled responses, features).
+
+    `quadrature` (Gauss–Hermite nodes and weights, shape (2, 8)) asks for the expected-noise mode; noise and seed are
+    then None."""
     return tuple(_extension(kernel).forward(h, identity_kernels, mean_kernels, stat_kernels, scale_weight,
-                                            running_mean, running_var, noise, seed, noise_coeff, clip_value,
+                                            running_mean, running_var, noise, seed, quadrature, noise_coeff, clip_value,
                                             channel_descriptor, spatial_descriptor, training))
 
 
 @phi_forward.register_fake
-def _(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean, running_var, noise, seed,
+def _(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean, running_var, noise, seed, quadrature,
       noise_coeff, clip_value, channel_descriptor, spatial_descriptor, training, kernel):
     batch, channels = h.shape[:2]
     filters = stat_kernels.shape[0]
@@ -130,45 +135,48 @@ def _(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mea
 @torch.library.custom_op("metaperturb::phi_backward", mutates_args=())
 def phi_backward(grad_output: Tensor, h: Tensor, identity_kernels: Tensor, mean_kernels: Tensor, stat_kernels: Tensor,
                  scale_weight: Tensor, pooled: Tensor, features: Tensor, scale: Tensor, noise: Tensor | None,
-                 seed: Tensor | None, noise_coeff: float, clip_value: float | None, training: bool,
+                 seed: Tensor | None, quadrature: Tensor | None, noise_coeff: float, clip_value: float | None,
+                 training: bool,
                  needs_input: bool, needs_params: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """φ's fused backward on `kernel`: gradients of (h, λ, γ, K, w); empty tensors for those not asked for."""
     grads = _extension(kernel).backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight,
-                                        pooled, features, scale, noise, seed, noise_coeff, clip_value, training,
+                                        pooled, features, scale, noise, seed, quadrature, noise_coeff, clip_value,
+                                        training,
                                         needs_input, needs_params)
     return tuple(h.new_empty(0) if grad is None else grad for grad in grads)
 
 
 @phi_backward.register_fake
 def _(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features, scale, noise, seed,
-      noise_coeff, clip_value, training, needs_input, needs_params, kernel):
+      quadrature, noise_coeff, clip_value, training, needs_input, needs_params, kernel):
     params = (identity_kernels, mean_kernels, stat_kernels, scale_weight)
     return (torch.empty_like(h) if needs_input else h.new_empty(0),
             *(torch.empty_like(p) if needs_params else h.new_empty(0) for p in params))
 
 
 def _setup_context(ctx, inputs, output):
-    (h, identity_kernels, mean_kernels, stat_kernels, scale_weight, _, _, noise, seed, noise_coeff, clip_value,
-     channel_descriptor, spatial_descriptor, training, kernel) = inputs
+    (h, identity_kernels, mean_kernels, stat_kernels, scale_weight, _, _, noise, seed, quadrature, noise_coeff,
+     clip_value, channel_descriptor, spatial_descriptor, training, kernel) = inputs
     _, scale, noise_mean, pooled, features = output
     ctx.mark_non_differentiable(scale, noise_mean, pooled, features)
     ctx.save_for_backward(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features, scale,
-                          noise, seed)
+                          noise, seed, quadrature)
     ctx.options = (noise_coeff, clip_value, (channel_descriptor, spatial_descriptor), training, kernel)
 
 
 def _backward(ctx, grad_output, *unused_grads):
-    h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features, scale, noise, seed = (
+    h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features, scale, noise, seed, quadrature = (
         ctx.saved_tensors)
     noise_coeff, clip_value, descriptors, training, kernel = ctx.options
     needs_input, needs_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:5])
-    nones = (None,) * 10
+    nones = (None,) * 11
     if grad_output is None or not (needs_input or needs_params):
         return (None,) * 5 + nones
     if torch.is_grad_enabled():  # create_graph: differentiate φ's eager math on the same noise instead
         return (*_differentiable_backward(ctx, grad_output), *nones)
     grads = phi_backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features,
-                         scale, noise, seed, noise_coeff, clip_value, training, needs_input, needs_params, kernel)
+                         scale, noise, seed, quadrature, noise_coeff, clip_value, training, needs_input, needs_params,
+                         kernel)
     grad_input, grad_identity, grad_mean, grad_stat, grad_weight = (
         grad if needed else None for grad, needed in zip(grads, (needs_input, *(needs_params,) * 4)))
     # as eager: in evaluation the statistics filters are not used, so they get no gradient (not a zero one)
@@ -178,11 +186,14 @@ def _backward(ctx, grad_output, *unused_grads):
 def _differentiable_backward(ctx, grad_output):
     from ..modeling_metaperturb import _differentiable_output, _Settings
 
-    h, identity_kernels, mean_kernels, stat_kernels, scale_weight, _, features, _, noise, seed = ctx.saved_tensors
+    h, identity_kernels, mean_kernels, stat_kernels, scale_weight, _, features, _, noise, seed, quadrature = (
+        ctx.saved_tensors)
     noise_coeff, clip_value, descriptors, training, kernel = ctx.options
-    if noise is None:
+    expected = quadrature is not None
+    if noise is None and not expected:
         noise = _extension(kernel).normals(h, seed)
-    settings = _Settings(noise_coeff, clip_value, descriptors, False, 0, training, 0.0, False, False)
+    settings = _Settings(noise_coeff, clip_value, descriptors, expected, EXPECTED_NOISE_NODES, training, 0.0, False,
+                         False)
     differentiable = [h, identity_kernels, mean_kernels, stat_kernels, scale_weight]
     output = _differentiable_output(*differentiable, features, noise, None, settings, clip_value is not None)
     wanted = [tensor for tensor, needed in zip(differentiable, ctx.needs_input_grad) if needed]
@@ -201,10 +212,12 @@ def perturb(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, runni
     so activation checkpointing changes nothing here: it is what the fused path always does. The seed comes from the
     features' device's default generator (`torch.manual_seed` fixes it; on CUDA a graph replay draws a new one).
     """
-    seed = None if noise is not None else torch.randint(2**62, (), dtype=torch.int64, device=h.device)
+    quadrature = _quadrature(h.dtype, h.device) if settings.expected_noise else None
+    drawn = noise is None and quadrature is None
+    seed = torch.randint(2**62, (), dtype=torch.int64, device=h.device) if drawn else None
     output, scale, noise_mean, _, features = phi_forward(
         h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean, running_var, noise, seed,
-        settings.noise_coeff, settings.clip_value, *settings.descriptors, settings.training, kernel)
+        quadrature, settings.noise_coeff, settings.clip_value, *settings.descriptors, settings.training, kernel)
     if settings.training:
         filters = stat_kernels.shape[0]
         with torch.no_grad():
@@ -213,10 +226,18 @@ def perturb(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, runni
     return output, scale, noise_mean
 
 
+@functools.lru_cache(maxsize=8)
+def _quadrature(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The expected-noise mode's Gauss–Hermite nodes and weights as one (2, 8) tensor, the same rule as eager's."""
+    from ..modeling_metaperturb import _gauss_hermite_standard_normal
+
+    return torch.stack(_gauss_hermite_standard_normal(EXPECTED_NOISE_NODES)).to(dtype=dtype, device=device)
+
+
 def unsupported(h, parameters, running_mean, running_var, noise, settings, kernel="cpu") -> str | None:
     """Why the fused `kernel` does not implement this call, or None when it does."""
-    if settings.expected_noise:
-        return "the expected-noise mode"
+    if settings.expected_noise and settings.expected_noise_nodes != EXPECTED_NOISE_NODES:
+        return f"the expected-noise mode with {settings.expected_noise_nodes} nodes (the kernels have {EXPECTED_NOISE_NODES})"
     if h.device.type not in (("cpu",) if kernel == "cpu" else _triton_devices()):
         return f"features on {h.device}"
     if h.dtype not in (torch.float32, torch.float64):
@@ -296,18 +317,20 @@ def _compare_with_eager(kernel: str):
     h, noise, upstream = (torch.randn(3, 5, 6, 7, generator=generator, dtype=torch.float64).to(device)
                           for _ in range(3))
 
-    def run(path):
+    def run(path, expected):
         phi.zero_grad()
         x = h.clone().requires_grad_()
         mean, var = h.new_zeros(5, 4), h.new_ones(5, 4)
-        out = phi(x, mean, var, 16, 8, noise_coeff=0.7, noise=noise, clip_value=0.5, kernel=path)  # clamp reached
+        out = phi(x, mean, var, 16, 8, noise_coeff=0.7, noise=None if expected else noise, clip_value=0.5,
+                  expected_noise=expected, kernel=path)  # the clamp is reached
         out.backward(upstream)
         return [out.detach(), mean, var, x.grad, *(p.grad for p in phi.parameters())]
 
-    fused, eager = run(kernel), run("eager")
-    for name, a, b in zip(["output", "running mean", "running var", "input gradient", "λ", "γ", "K", "w"], fused, eager):
-        if not torch.allclose(a, b, rtol=1e-7, atol=1e-9):
-            return f"{name} differs by {(a - b).abs().max().item():.3g}"
+    names = ["output", "running mean", "running var", "input gradient", "λ", "γ", "K", "w"]
+    for expected, mode in ((False, ""), (True, " in the expected-noise mode")):
+        for name, a, b in zip(names, run(kernel, expected), run("eager", expected)):
+            if not torch.allclose(a, b, rtol=1e-7, atol=1e-9):
+                return f"{name}{mode} differs by {(a - b).abs().max().item():.3g}"
     return True
 
 

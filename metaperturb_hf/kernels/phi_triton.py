@@ -92,11 +92,30 @@ def _softplus(x):
 
 
 @triton.jit
+def _noise(argument, quadrature_ptr, EXPECTED: tl.constexpr, NODES: tl.constexpr):
+    """z and dz/dμ: softplus(μ + ε) and its sigmoid, or in the expected-noise mode E_ε[softplus(μ + ε)] and
+    E_ε[sigmoid(μ + ε)] by the Gauss–Hermite rule at `quadrature_ptr` (NODES nodes, then NODES weights)."""
+    if EXPECTED:
+        z = tl.zeros_like(argument)
+        slope = tl.zeros_like(argument)
+        for k in tl.static_range(NODES):
+            shifted = argument + tl.load(quadrature_ptr + k).to(argument.dtype)
+            weight = tl.load(quadrature_ptr + NODES + k).to(argument.dtype)
+            z += weight * _softplus(shifted)
+            slope += weight * tl.sigmoid(shifted)
+        return z, slope
+    return _softplus(argument), tl.sigmoid(argument)
+
+
+@triton.jit
 def _noise_argument(hidden_ptr, lam_ptr, gam_ptr, noise_ptr, nb, nc, nh, nw, seed_ptr, b, p, i, j, c, pm, cm, H, W, C,
-                    DRAWN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """μ + ε on the tile: μ = λ₂ ⋆ hidden + γ₂ ⋆ mean_c(hidden), ε drawn from the seed or read from the noise."""
+                    DRAWN: tl.constexpr, EXPECTED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """μ + ε on the tile: μ = λ₂ ⋆ hidden + γ₂ ⋆ mean_c(hidden), ε drawn from the seed or read from the noise; μ
+    alone in the expected-noise mode."""
     mu = _equivariant(hidden_ptr, H * W * C, 1, W * C, C, lam_ptr, gam_ptr, b, i, j, c, pm, cm, H, W, C, 0.0,
                       hidden_ptr, 1, False, BLOCK_P, BLOCK_C)
+    if EXPECTED:
+        return mu
     if DRAWN:
         index = (b * H * W + p.to(tl.int64))[:, None] * C + c[None, :]
         noise = tl.randn(tl.load(seed_ptr), index).to(mu.dtype)
@@ -170,14 +189,16 @@ def _scale_kernel(pooled_ptr, mean_ptr, var_ptr, weight_ptr, features_ptr, scale
 
 
 @triton.jit
-def _output_kernel(x_ptr, xb, xc, xh, xw, hidden_ptr, lam_ptr, gam_ptr, noise_ptr, nb, nc, nh, nw, seed_ptr, scale_ptr,
-                   out_ptr, ob, oc, oh, ow, z_ptr, kappa: tl.float64, limit: tl.float64, z_norm: tl.float64, H, W, C,
-                   DRAWN: tl.constexpr, CLIP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """output = min(x · ((1 − κ) + κ s z), clip) with z = softplus(μ + ε); this tile's share of mean z."""
+def _output_kernel(x_ptr, xb, xc, xh, xw, hidden_ptr, lam_ptr, gam_ptr, noise_ptr, nb, nc, nh, nw, seed_ptr,
+                   quadrature_ptr, scale_ptr, out_ptr, ob, oc, oh, ow, z_ptr, kappa: tl.float64, limit: tl.float64,
+                   z_norm: tl.float64, H, W, C, DRAWN: tl.constexpr, EXPECTED: tl.constexpr, NODES: tl.constexpr,
+                   CLIP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """output = min(x · ((1 − κ) + κ s z), clip) with z = softplus(μ + ε) (or its expectation); this tile's share of
+    mean z."""
     b, row, p, i, j, c, pm, cm = _tile(H, W, C, BLOCK_P, BLOCK_C)
     argument = _noise_argument(hidden_ptr, lam_ptr, gam_ptr, noise_ptr, nb, nc, nh, nw, seed_ptr, b, p, i, j, c, pm,
-                               cm, H, W, C, DRAWN, BLOCK_P, BLOCK_C)
-    z = _softplus(argument)
+                               cm, H, W, C, DRAWN, EXPECTED, BLOCK_P, BLOCK_C)
+    z, _ = _noise(argument, quadrature_ptr, EXPECTED, NODES)
     x = _at(x_ptr, xb, xc, xh, xw, b, i, j, c, pm, cm, H, W)
     k = tl.full((), kappa, x.dtype)
     out = x * ((1 - k) + k * tl.load(scale_ptr + c, mask=cm, other=0)[None, :] * z)
@@ -190,15 +211,16 @@ def _output_kernel(x_ptr, xb, xc, xh, xw, hidden_ptr, lam_ptr, gam_ptr, noise_pt
 
 @triton.jit
 def _through_noise_kernel(x_ptr, xb, xc, xh, xw, go_ptr, gb, gc, gh, gw, hidden_ptr, lam_ptr, gam_ptr, noise_ptr, nb,
-                          nc, nh, nw, seed_ptr, scale_ptr, grad_mu_ptr, grad_x_ptr, rb, rc, rh, rw, grad_scale_ptr,
-                          kappa: tl.float64, limit: tl.float64, H, W, C, DRAWN: tl.constexpr, CLIP: tl.constexpr,
-                          NEEDS_INPUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          nc, nh, nw, seed_ptr, quadrature_ptr, scale_ptr, grad_mu_ptr, grad_x_ptr, rb, rc, rh, rw,
+                          grad_scale_ptr, kappa: tl.float64, limit: tl.float64, H, W, C, DRAWN: tl.constexpr,
+                          EXPECTED: tl.constexpr, NODES: tl.constexpr, CLIP: tl.constexpr, NEEDS_INPUT: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """The gradient through the direct path (into grad_x, h's layout), through z (grad_mu) and this tile's share of
     s's gradient, where g is masked to 0 where the output was clamped."""
     b, row, p, i, j, c, pm, cm = _tile(H, W, C, BLOCK_P, BLOCK_C)
     argument = _noise_argument(hidden_ptr, lam_ptr, gam_ptr, noise_ptr, nb, nc, nh, nw, seed_ptr, b, p, i, j, c, pm,
-                               cm, H, W, C, DRAWN, BLOCK_P, BLOCK_C)
-    z = _softplus(argument)
+                               cm, H, W, C, DRAWN, EXPECTED, BLOCK_P, BLOCK_C)
+    z, slope = _noise(argument, quadrature_ptr, EXPECTED, NODES)
     x = _at(x_ptr, xb, xc, xh, xw, b, i, j, c, pm, cm, H, W)
     g = _at(go_ptr, gb, gc, gh, gw, b, i, j, c, pm, cm, H, W)
     k = tl.full((), kappa, x.dtype)
@@ -210,7 +232,7 @@ def _through_noise_kernel(x_ptr, xb, xc, xh, xw, go_ptr, gb, gc, gh, gw, hidden_
         _put(grad_x_ptr, rb, rc, rh, rw, b, i, j, c, pm, cm, g * multiplier)
     gx = g * x
     tl.store(grad_scale_ptr + row * C + c, tl.sum(gx * z, axis=0), mask=cm)
-    _put(grad_mu_ptr, H * W * C, 1, W * C, C, b, i, j, c, pm, cm, gx * ks * tl.sigmoid(argument))
+    _put(grad_mu_ptr, H * W * C, 1, W * C, C, b, i, j, c, pm, cm, gx * ks * slope)
 
 
 @triton.jit
@@ -325,16 +347,20 @@ def _on_device(function):
     return run
 
 
-def _noise_arguments(h, noise, seed):
-    """The noise (or a stand-in that is never read) with its strides, the seed (likewise) and whether it is drawn."""
+def _noise_arguments(h, noise, seed, quadrature):
+    """The noise (or a stand-in that is never read) with its strides, the seed and the quadrature (likewise), and the
+    kernels' DRAWN, EXPECTED and NODES."""
+    expected = quadrature is not None
+    modes = dict(DRAWN=noise is None and not expected, EXPECTED=expected,
+                 NODES=quadrature.shape[1] if expected else 1)
     if noise is None:
-        return (h, *h.stride(), seed), True
-    return (noise, *noise.stride(), h), False
+        return (h, *h.stride(), seed if seed is not None else h, quadrature if expected else h), modes
+    return (noise, *noise.stride(), h, h), modes
 
 
 @_on_device
 def forward(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean, running_var, noise, seed,
-            noise_coeff, clip_value, channel_descriptor, spatial_descriptor, training):
+            quadrature, noise_coeff, clip_value, channel_descriptor, spatial_descriptor, training):
     """(output, s, mean z, pooled responses, features), as `phi_cpu.cpp`'s forward."""
     layout = _Layout(h)
     lam, gam, stat = identity_kernels.contiguous(), mean_kernels.contiguous(), stat_kernels.contiguous()
@@ -349,16 +375,16 @@ def forward(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, runni
         scale_weight.contiguous(), features, scale, layout.batch, layout.channels, layout.var_factor,
         channel_descriptor, spatial_descriptor, TRAINING=training, **layout.stat_blocks)
     output, z_partial = torch.empty_like(h), h.new_empty(layout.tiles * layout.batch)
-    noise_args, drawn = _noise_arguments(h, noise, seed)
+    noise_args, modes = _noise_arguments(h, noise, seed, quadrature)
     _output_kernel[layout.grid](h, *h.stride(), hidden, lam[1], gam[1], *noise_args, scale, output, *output.stride(),
-                                z_partial, noise_coeff, clip_value or 0.0, 1.0 / h.numel(), *layout.sizes,
-                                DRAWN=drawn, CLIP=clip_value is not None, **layout.blocks)
+                                z_partial, noise_coeff, clip_value or 0.0, 1.0 / h.numel(), *layout.sizes, **modes,
+                                CLIP=clip_value is not None, **layout.blocks)
     return output, scale, z_partial.sum(), pooled, features
 
 
 @_on_device
 def backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight, pooled, features, scale,
-             noise, seed, noise_coeff, clip_value, training, needs_input, needs_params):
+             noise, seed, quadrature, noise_coeff, clip_value, training, needs_input, needs_params):
     """Gradients of (h, λ, γ, K, w), None for those not asked for, as `phi_cpu.cpp`'s backward."""
     layout = _Layout(h)
     lam, gam, stat = identity_kernels.contiguous(), mean_kernels.contiguous(), stat_kernels.contiguous()
@@ -369,10 +395,10 @@ def backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale
     grad_mu = torch.empty_like(hidden)
     grad_x = torch.empty_like(h) if needs_input else h
     grad_scale_partial = h.new_empty(layout.batch * layout.tiles, layout.channels)
-    noise_args, drawn = _noise_arguments(h, noise, seed)
+    noise_args, modes = _noise_arguments(h, noise, seed, quadrature)
     _through_noise_kernel[layout.grid](h, *h.stride(), grad_output, *grad_output.stride(), hidden, lam[1], gam[1],
                                        *noise_args, scale, grad_mu, grad_x, *grad_x.stride(), grad_scale_partial,
-                                       noise_coeff, clip_value or 0.0, *layout.sizes, DRAWN=drawn,
+                                       noise_coeff, clip_value or 0.0, *layout.sizes, **modes,
                                        CLIP=clip_value is not None, NEEDS_INPUT=needs_input, **layout.blocks)
     channel_blocks = triton.cdiv(layout.channels, layout.stat_c)
     grad_pooled = h.new_empty(layout.batch, layout.channels, _FILTERS) if training else hidden
