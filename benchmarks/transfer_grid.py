@@ -11,7 +11,8 @@ A target is NAME=PATH[:TRAIN_PER_CLASS]. MetaPerturb gives two records: MC over 
 the accuracy of every blend, `accuracy_by_weight`, and that of the classifier alone calibrated without noise,
 `noise_off_calibrated_accuracy`). Every finished run appends its records
 to benchmarks/results/<name>.jsonl; a rerun skips what is there, so an interrupted grid resumes and two shards
-(`--shard 0/2`, `--shard 1/2`) can run side by side. `--report` (also done after every grid) writes <name>.md (mean ± 95 % CI per cell, best per row in
+(`--shard 0/2`, `--shard 1/2`) can run side by side. `--placements all,top:6,bottom:6,top_bottom:3` repeats each
+MetaPerturb column with φ at those sites only (the paper's location ablation), named "SOURCE @top:6". `--report` (also done after every grid) writes <name>.md (mean ± 95 % CI per cell, best per row in
 bold) and <name>.png.
 """
 
@@ -27,6 +28,7 @@ import torch
 from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import load_image_dataset, subsample_per_class, to_tensors
 from metaperturb_hf.methods import run_transfer
+from metaperturb_hf.perturbation_config import SELECT_MODES
 from metaperturb_hf.results import (
     accuracy_cells,
     confidence_interval,
@@ -56,9 +58,24 @@ def parse_pairs(spec: str | None) -> dict:
     return dict(item.split("=", 1) for item in spec.split(",")) if spec else {}
 
 
+def parse_placement(spec: str) -> dict:
+    """"all" as {}, "top:6" as {"select": "top", "num_sites": 6} (PerturbationConfig's fields)."""
+    select, _, count = spec.partition(":")
+    if select == "all" and not count:
+        return {}
+    if select not in SELECT_MODES or select == "all" or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"a placement is 'all' or SELECT:N with SELECT one of top, bottom, top_bottom and N ≥ 1, "
+                         f"got {spec!r}.")
+    return {"select": select, "num_sites": int(count)}
+
+
 def planned_runs(args) -> list[dict]:
-    """Every (target, arch, method, source, seed) cell of the grid, as the key its record will carry."""
+    """Every (target, arch, method, source, seed) cell of the grid, as the key its record will carry. A placement
+    other than all sites is part of the MetaPerturb run's source ("authors @top:6"), so each is a column of its own."""
     runs = []
+    placements = args.placements.split(",")
+    for spec in placements:
+        parse_placement(spec)  # refuse a bad one before any run
     for target, (_, per_class) in parse_targets(args.targets).items():
         for arch in args.archs.split(","):
             for method in args.methods.split(","):
@@ -66,9 +83,12 @@ def planned_runs(args) -> list[dict]:
                 if method == "metaperturb" and not sources:
                     raise ValueError("method metaperturb needs --perturbations SOURCE=PATH[,SOURCE=PATH].")
                 for source in sources:
-                    for seed in (int(s) for s in args.seeds.split(",")):
-                        runs.append({"source": source, "target": target, "arch": arch, "method": method,
-                                     "seed": seed, "steps": args.steps, "train_per_class": per_class})
+                    for placement in placements if method == "metaperturb" else ["all"]:
+                        label = source if placement == "all" else f"{source} @{placement}"
+                        for seed in (int(s) for s in args.seeds.split(",")):
+                            runs.append({"source": label, "phi": source, "placement": placement, "target": target,
+                                         "arch": arch, "method": method, "seed": seed, "steps": args.steps,
+                                         "train_per_class": per_class})
     return runs
 
 
@@ -97,10 +117,14 @@ def run_grid(args) -> None:
         train, test = cache[data_path]
         if per_class:
             train = subsample_per_class(train, per_class, run["seed"])
-        phi = load_perturbation(perturbations[run["source"]]) if run["method"] == "metaperturb" else None
+        source, placement = run.pop("phi"), parse_placement(run.pop("placement"))
+        if placement:  # records of all sites stay as they were before placements existed
+            run["placement"] = f"{placement['select']}:{placement['num_sites']}"
+        phi = load_perturbation(perturbations[source]) if run["method"] == "metaperturb" else None
         init_from = source_networks.get(run["arch"]) if run["method"] == "finetune" else None
         config = TransferConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"])
-        records = run_transfer(run["method"], run["arch"], train, test, config, phi, args.mc_samples, init_from)
+        records = run_transfer(run["method"], run["arch"], train, test, config, phi, args.mc_samples, init_from,
+                               placement=placement)
         with path.open("a") as f:  # one write per run: a killed run leaves no half record
             f.write("".join(json.dumps({**run, **record, "mc_samples": record["num_samples"]}) + "\n"
                             for record in records))
@@ -149,6 +173,9 @@ def main(argv=None):
     parser.add_argument("--archs", default="conv4,resnet20")
     parser.add_argument("--methods", default="none,metaperturb")
     parser.add_argument("--perturbations", help="SOURCE=PATH_OR_REPO,... (one metaperturb column per source)")
+    parser.add_argument("--placements", default="all",
+                        help="where φ goes, one MetaPerturb column per placement and φ: all (every site), or top:N, "
+                             "bottom:N, top_bottom:N (the last / first N sites in forward order, or N at each end)")
     parser.add_argument("--source-networks", help="ARCH=STATE_DICT,... networks trained on the source data (finetune)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=1000)

@@ -52,14 +52,16 @@ def build_classifier(arch: str, num_classes: int, image_size: int, seed: int, in
     return model.to(memory_format=torch.channels_last)
 
 
-def apply_method(model: nn.Module, method: str, image_size: int, perturbation: MetaPerturbModel | None = None) -> nn.Module:
-    """Wrap `model` for `method`; "none" and "finetune" train it as it is."""
+def apply_method(model: nn.Module, method: str, image_size: int, perturbation: MetaPerturbModel | None = None,
+                 placement: dict | None = None) -> nn.Module:
+    """Wrap `model` for `method`; "none" and "finetune" train it as it is. `placement` (PerturbationConfig's `select`
+    and `num_sites`, e.g. {"select": "top", "num_sites": 6}) says which sites MetaPerturb takes; all by default."""
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
     if method == "metaperturb":
         if perturbation is None:
             raise ValueError("method 'metaperturb' needs a perturbation function (--perturbation PATH_OR_REPO).")
-        return add_perturbation(model, perturbation, input_size=(3, image_size, image_size))
+        return add_perturbation(model, perturbation, input_size=(3, image_size, image_size), **(placement or {}))
     if method in REGULARIZERS:
         return add_regularizer(model, method, input_size=(3, image_size, image_size))
     return model
@@ -110,6 +112,7 @@ def run_transfer(
     init_from: str | None = None,
     progress: bool = False,
     save_model: str | None = None,
+    placement: dict | None = None,
 ) -> list[dict]:
     """Train one (method, arch, seed) run and return its evaluation records (two for MetaPerturb: MC and single pass).
 
@@ -118,12 +121,13 @@ def run_transfer(
     `save_model` writes the trained network's state dict there (atomically), e.g. a source network for the
     "finetune" baseline; for MetaPerturb the whole `PerturbedModel.state_dict()` (φ, site and single-pass
     statistics included), which `add_perturbation` + `load_state_dict` restore and `init_from` also accepts.
+    `placement` chooses MetaPerturb's sites (`apply_method`).
     """
     image_size = train.images.shape[-1]
     if method == "finetune" and not init_from:
         raise ValueError("method 'finetune' needs the source-trained network to start from (--init-from STATE_DICT).")
     model = build_classifier(arch, len(train.class_names), image_size, config.seed, init_from)
-    model = apply_method(model, method, image_size, perturbation)
+    model = apply_method(model, method, image_size, perturbation, placement)
     result = train_classifier(model, train, config, progress=progress)
     base = {"method": method, "arch": arch, "seed": config.seed, "steps": config.steps,
             "train_images": len(train), "train_seconds": round(result["train_seconds"], 1)}

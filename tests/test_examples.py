@@ -99,6 +99,29 @@ def test_benchmark_grid_resumes_without_redoing_runs(target, phi_dir, tmp_path):
     assert "metaperturb [rand]" in table and "**" in table and (tmp_path / "tiny.png").stat().st_size > 1000
 
 
+def test_benchmark_grid_places_phi_at_the_chosen_sites_only(target, phi_dir, tmp_path, monkeypatch):
+    """--placements: one MetaPerturb column per placement, φ at those sites only; all sites keep the plain label."""
+    import metaperturb_hf.methods as methods
+
+    benchmark = load_script("transfer_grid", BENCHMARKS)
+    site_counts = []
+    original = methods.apply_method
+    monkeypatch.setattr(methods, "apply_method", lambda *args, **kwargs: (
+        lambda model: site_counts.append(len(model.sites)) or model)(original(*args, **kwargs)))
+    benchmark.main(["--name", "where", "--results-dir", str(tmp_path), "--targets", f"toy={target}:6", "--archs",
+                    "conv4", "--methods", "metaperturb", "--perturbations", f"rand={phi_dir}", "--placements",
+                    "all,top:1,top_bottom:1", "--seeds", "0", "--steps", "1", "--batch-size", "8", "--mc-samples", "2"])
+    assert site_counts == [4, 1, 2]  # Conv4: four sites; the last one; the first and the last
+    records = [json.loads(line) for line in (tmp_path / "where.jsonl").read_text().splitlines()]
+    assert [(r["source"], r.get("placement")) for r in records if r["method"] == "metaperturb"] == [
+        ("rand", None), ("rand @top:1", "top:1"), ("rand @top_bottom:1", "top_bottom:1")]
+    assert "metaperturb [rand @top:1]" in (tmp_path / "where.md").read_text()
+    with pytest.raises(ValueError, match="placement"):
+        benchmark.main(["--name", "bad", "--results-dir", str(tmp_path), "--targets", f"toy={target}", "--archs",
+                        "conv4", "--methods", "metaperturb", "--perturbations", f"rand={phi_dir}", "--placements",
+                        "top"])
+
+
 def test_quickstart_runs_in_reduced_mode(tmp_path):
     load_script("quickstart").main(["--quick", "--steps", "3", "--train-per-class", "5", "--output-dir", str(tmp_path)])
     result = json.loads((tmp_path / "quickstart_results.json").read_text())
