@@ -12,8 +12,8 @@ the accuracy of every blend, `accuracy_by_weight`, and that of the classifier al
 `noise_off_calibrated_accuracy`). Every finished run appends its records
 to benchmarks/results/<name>.jsonl; a rerun skips what is there, so an interrupted grid resumes and two shards
 (`--shard 0/2`, `--shard 1/2`) can run side by side. `--placements all,top:6,bottom:6,top_bottom:3` repeats each
-MetaPerturb column with φ at those sites only (the paper's location ablation), named "SOURCE @top:6". `--report` (also done after every grid) writes <name>.md (mean ± 95 % CI per cell, best per row in
-bold) and <name>.png.
+MetaPerturb column with φ at those sites only (the paper's location ablation), named "SOURCE @top:6". `--report`
+(also done after every grid) writes <name>.md (mean ± 95 % CI per cell, best per row in bold) and <name>.png.
 """
 
 import argparse
@@ -28,7 +28,7 @@ import torch
 from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import load_image_dataset, subsample_per_class, to_tensors
 from metaperturb_hf.methods import run_transfer
-from metaperturb_hf.perturbation_config import SELECT_MODES
+from metaperturb_hf.perturbation_config import PerturbationConfig
 from metaperturb_hf.results import (
     accuracy_cells,
     confidence_interval,
@@ -59,14 +59,15 @@ def parse_pairs(spec: str | None) -> dict:
 
 
 def parse_placement(spec: str) -> dict:
-    """"all" as {}, "top:6" as {"select": "top", "num_sites": 6} (PerturbationConfig's fields)."""
-    select, _, count = spec.partition(":")
-    if select == "all" and not count:
+    """"all" as {}, "top:6" as {"select": "top", "num_sites": 6}; PerturbationConfig checks the values."""
+    if spec == "all":
         return {}
-    if select not in SELECT_MODES or select == "all" or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"a placement is 'all' or SELECT:N with SELECT one of top, bottom, top_bottom and N ≥ 1, "
-                         f"got {spec!r}.")
-    return {"select": select, "num_sites": int(count)}
+    select, _, count = spec.partition(":")
+    if not count.isdigit():
+        raise ValueError(f"a placement is 'all' or SELECT:N (top:3, bottom:3, top_bottom:2), got {spec!r}.")
+    placement = {"select": select, "num_sites": int(count)}
+    PerturbationConfig(**placement)
+    return placement
 
 
 def planned_runs(args) -> list[dict]:
@@ -117,9 +118,10 @@ def run_grid(args) -> None:
         train, test = cache[data_path]
         if per_class:
             train = subsample_per_class(train, per_class, run["seed"])
-        source, placement = run.pop("phi"), parse_placement(run.pop("placement"))
+        source, spec = run.pop("phi"), run.pop("placement")
+        placement = parse_placement(spec)
         if placement:  # records of all sites stay as they were before placements existed
-            run["placement"] = f"{placement['select']}:{placement['num_sites']}"
+            run["placement"] = spec
         phi = load_perturbation(perturbations[source]) if run["method"] == "metaperturb" else None
         init_from = source_networks.get(run["arch"]) if run["method"] == "finetune" else None
         config = TransferConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"])

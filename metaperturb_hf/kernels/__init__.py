@@ -111,8 +111,8 @@ def _cpu_model() -> str:
 @torch.library.custom_op("metaperturb::phi_forward", mutates_args=())
 def phi_forward(h: Tensor, identity_kernels: Tensor, mean_kernels: Tensor, stat_kernels: Tensor, scale_weight: Tensor,
                 running_mean: Tensor, running_var: Tensor, noise: Tensor | None, seed: Tensor | None,
-                quadrature: Tensor | None, noise_coeff: float, clip_value: float | None, channel_descriptor: float, spatial_descriptor: float,
-                training: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                quadrature: Tensor | None, noise_coeff: float, clip_value: float | None, channel_descriptor: float,
+                spatial_descriptor: float, training: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """φ's fused forward on `kernel` ("cpu" or "triton"): (output, s, mean z, pooled responses, features).
 
     `quadrature` (Gauss–Hermite nodes and weights, shape (2, 8)) asks for the expected-noise mode; noise and seed are
@@ -136,13 +136,11 @@ def _(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mea
 def phi_backward(grad_output: Tensor, h: Tensor, identity_kernels: Tensor, mean_kernels: Tensor, stat_kernels: Tensor,
                  scale_weight: Tensor, pooled: Tensor, features: Tensor, scale: Tensor, noise: Tensor | None,
                  seed: Tensor | None, quadrature: Tensor | None, noise_coeff: float, clip_value: float | None,
-                 training: bool,
-                 needs_input: bool, needs_params: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 training: bool, needs_input: bool, needs_params: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """φ's fused backward on `kernel`: gradients of (h, λ, γ, K, w); empty tensors for those not asked for."""
     grads = _extension(kernel).backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight,
                                         pooled, features, scale, noise, seed, quadrature, noise_coeff, clip_value,
-                                        training,
-                                        needs_input, needs_params)
+                                        training, needs_input, needs_params)
     return tuple(h.new_empty(0) if grad is None else grad for grad in grads)
 
 
@@ -237,7 +235,8 @@ def _quadrature(dtype: torch.dtype, device: torch.device) -> Tensor:
 def unsupported(h, parameters, running_mean, running_var, noise, settings, kernel="cpu") -> str | None:
     """Why the fused `kernel` does not implement this call, or None when it does."""
     if settings.expected_noise and settings.expected_noise_nodes != EXPECTED_NOISE_NODES:
-        return f"the expected-noise mode with {settings.expected_noise_nodes} nodes (the kernels have {EXPECTED_NOISE_NODES})"
+        return (f"the expected-noise mode with {settings.expected_noise_nodes} nodes "
+                f"(the kernels have {EXPECTED_NOISE_NODES})")
     if h.device.type not in (("cpu",) if kernel == "cpu" else _triton_devices()):
         return f"features on {h.device}"
     if h.dtype not in (torch.float32, torch.float64):
