@@ -12,11 +12,13 @@ the accuracy of every blend, `accuracy_by_weight`, and that of the classifier al
 `noise_off_calibrated_accuracy`). Every finished run appends its records
 to benchmarks/results/<name>.jsonl; a rerun skips what is there, so an interrupted grid resumes and two shards
 (`--shard 0/2`, `--shard 1/2`) can run side by side. `--placements all,top:6,bottom:6,top_bottom:3` repeats each
-MetaPerturb column with φ at those sites only (the paper's location ablation), named "SOURCE @top:6". `--report`
+MetaPerturb column with φ at those sites only (the paper's location ablation), named "SOURCE @top:6";
+`--noise-strengths 1,0.5` with a weaker perturbation (κ annealed to 0.5 instead of 1), named "SOURCE κ=0.5". `--report`
 (also done after every grid) writes <name>.md (mean ± 95 % CI per cell, best per row in bold) and <name>.png.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -72,24 +74,29 @@ def parse_placement(spec: str) -> dict:
 
 def planned_runs(args) -> list[dict]:
     """Every (target, arch, method, source, seed) cell of the grid, as the key its record will carry. A placement
-    other than all sites is part of the MetaPerturb run's source ("authors @top:6"), so each is a column of its own."""
+    other than all sites, or a noise strength below 1, is part of the MetaPerturb run's source ("authors @top:6",
+    "authors κ=0.5"), so each is a column of its own."""
     runs = []
     placements = args.placements.split(",")
     for spec in placements:
         parse_placement(spec)  # refuse a bad one before any run
+    strengths = [float(value) for value in args.noise_strengths.split(",")]
+    for strength in strengths:
+        TransferConfig(noise_strength=strength)
     for target, (_, per_class) in parse_targets(args.targets).items():
         for arch in args.archs.split(","):
             for method in args.methods.split(","):
                 sources = list(parse_pairs(args.perturbations)) if method == "metaperturb" else ["-"]
                 if method == "metaperturb" and not sources:
                     raise ValueError("method metaperturb needs --perturbations SOURCE=PATH[,SOURCE=PATH].")
-                for source in sources:
-                    for placement in placements if method == "metaperturb" else ["all"]:
-                        label = source if placement == "all" else f"{source} @{placement}"
-                        for seed in (int(s) for s in args.seeds.split(",")):
-                            runs.append({"source": label, "phi": source, "placement": placement, "target": target,
-                                         "arch": arch, "method": method, "seed": seed, "steps": args.steps,
-                                         "train_per_class": per_class})
+                variants = itertools.product(placements, strengths) if method == "metaperturb" else [("all", 1.0)]
+                for source, (placement, strength) in itertools.product(sources, variants):
+                    label = source + ("" if placement == "all" else f" @{placement}")
+                    label += "" if strength == 1.0 else f" κ={strength:g}"
+                    for seed in (int(s) for s in args.seeds.split(",")):
+                        runs.append({"source": label, "phi": source, "placement": placement, "noise_strength": strength,
+                                     "target": target, "arch": arch, "method": method, "seed": seed,
+                                     "steps": args.steps, "train_per_class": per_class})
     return runs
 
 
@@ -122,9 +129,12 @@ def run_grid(args) -> None:
         placement = parse_placement(spec)
         if placement:  # records of all sites stay as they were before placements existed
             run["placement"] = spec
+        strength = run.pop("noise_strength")
+        if strength != 1.0:  # and those at full strength as they were before strengths existed
+            run["noise_strength"] = strength
         phi = load_perturbation(perturbations[source]) if run["method"] == "metaperturb" else None
         init_from = source_networks.get(run["arch"]) if run["method"] == "finetune" else None
-        config = TransferConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"])
+        config = TransferConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"], noise_strength=strength)
         records = run_transfer(run["method"], run["arch"], train, test, config, phi, args.mc_samples, init_from,
                                placement=placement)
         with path.open("a") as f:  # one write per run: a killed run leaves no half record
@@ -178,6 +188,9 @@ def main(argv=None):
     parser.add_argument("--placements", default="all",
                         help="where φ goes, one MetaPerturb column per placement and φ: all (every site), or top:N, "
                              "bottom:N, top_bottom:N (the last / first N sites in forward order, or N at each end)")
+    parser.add_argument("--noise-strengths", default="1",
+                        help="the κ each MetaPerturb run anneals to, one column per value and φ: 1 is the full "
+                             "perturbation, 0.5 mixes in the identity half way (a weaker regularizer)")
     parser.add_argument("--source-networks", help="ARCH=STATE_DICT,... networks trained on the source data (finetune)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=1000)

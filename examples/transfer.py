@@ -38,6 +38,8 @@ def parse_args(argv=None):
                         help="a transformers image classifier (hub id or folder) instead of --arch")
     parser.add_argument("--method", choices=METHODS, default="metaperturb")
     parser.add_argument("--perturbation", help="φ: a save_pretrained folder, a hub repo, or the authors' .pth")
+    parser.add_argument("--noise-strength", type=float, default=1.0,
+                        help="the κ the perturbation anneals to: 1 in full, below 1 weaker (method metaperturb)")
     parser.add_argument("--init-from", help="state dict of a source-trained network (method finetune)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -70,7 +72,8 @@ def main(argv=None):
     records = []
     for seed in seeds:
         train = subsample_per_class(train_full, args.train_per_class, seed) if args.train_per_class else train_full
-        config = TransferConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=seed)
+        config = TransferConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=seed,
+                                noise_strength=args.noise_strength)
         for record in run_transfer(args.method, args.arch, train, test, config, perturbation, args.mc_samples,
                                    args.init_from, progress=True, save_model=args.save_model):
             record.update(dataset=str(args.dataset), train_per_class=args.train_per_class)

@@ -1,7 +1,8 @@
 """Training a target classifier with a frozen φ: our own loop, and a `transformers.Trainer` callback.
 
 Protocol (docs/protocols.md): Adam (lr 1e-3, weight decay 5e-4), learning rate × 0.3 at 40 %, 70 % and 90 % of the steps, noise
-coefficient κ growing linearly from 0 to 1 over the first 40 % of the steps, augmentation as in meta-training.
+coefficient κ growing linearly from 0 to 1 over the first 40 % of the steps (to `noise_strength` when that is below
+1: a weaker perturbation for networks it over-regularizes), augmentation as in meta-training.
 The same loop trains the baselines: anything with a `training_loss(images, labels)` (the regularizers) or a plain
 classifier (cross-entropy on its logits).
 """
@@ -30,6 +31,7 @@ class TransferConfig:
     decay_at: tuple[float, ...] = (0.4, 0.7, 0.9)
     decay_factor: float = 0.3
     anneal_fraction: float = 0.4
+    noise_strength: float = 1.0  # the κ reached after annealing; below 1 mixes the identity into the perturbation
     seed: int = 0
     augment: bool = True
     log_every: int = 50
@@ -40,11 +42,17 @@ class TransferConfig:
             raise ValueError(f"steps and batch_size must be at least 1, got {self.steps} and {self.batch_size}.")
         if not 0.0 < self.anneal_fraction <= 1.0:
             raise ValueError(f"anneal_fraction must lie in (0, 1], got {self.anneal_fraction}.")
+        check_noise_strength(self.noise_strength)
 
 
-def noise_coeff_at(step: int, total_steps: int, anneal_fraction: float = 0.4) -> float:
-    """κ at `step`: linear from 0 to 1 over the first `anneal_fraction` of the steps, then 1."""
-    return min(1.0, step / max(1.0, anneal_fraction * total_steps))
+def check_noise_strength(noise_strength: float) -> None:
+    if not 0.0 < noise_strength <= 1.0:
+        raise ValueError(f"noise_strength is the final κ and must lie in (0, 1], got {noise_strength}.")
+
+
+def noise_coeff_at(step: int, total_steps: int, anneal_fraction: float = 0.4, noise_strength: float = 1.0) -> float:
+    """κ at `step`: linear from 0 to `noise_strength` over the first `anneal_fraction` of the steps, then that."""
+    return noise_strength * min(1.0, step / max(1.0, anneal_fraction * total_steps))
 
 
 def learning_rate_factor(step: int, total_steps: int, decay_at=(0.4, 0.7, 0.9), factor: float = 0.3) -> float:
@@ -82,7 +90,7 @@ def train_classifier(model: nn.Module, train: ImageTensors, config: TransferConf
     bar = tqdm(range(config.steps), disable=not progress, desc="transfer", leave=False)
     for step in bar:
         if hasattr(model, "set_noise_coeff"):
-            model.set_noise_coeff(noise_coeff_at(step, config.steps, config.anneal_fraction))
+            model.set_noise_coeff(noise_coeff_at(step, config.steps, config.anneal_fraction, config.noise_strength))
         images, labels = batches.next_batch(config.batch_size, augment=config.augment)
         loss = training_loss(model, images, labels, config.input_name)
         if not torch.isfinite(loss):
@@ -100,8 +108,8 @@ def train_classifier(model: nn.Module, train: ImageTensors, config: TransferConf
 
 class MetaPerturbCallback(TrainerCallback):
     r"""
-    Anneals κ of a `PerturbedModel` trained with `transformers.Trainer`: linear from 0 to 1 over the first
-    `anneal_fraction` of `max_steps`.
+    Anneals κ of a `PerturbedModel` trained with `transformers.Trainer`: linear from 0 to `noise_strength` (1: the
+    full perturbation) over the first `anneal_fraction` of `max_steps`.
 
     ```python
     model = add_perturbation(ResNetForImageClassification(config), phi)
@@ -110,8 +118,10 @@ class MetaPerturbCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self, anneal_fraction: float = 0.4):
+    def __init__(self, anneal_fraction: float = 0.4, noise_strength: float = 1.0):
+        check_noise_strength(noise_strength)
         self.anneal_fraction = anneal_fraction
+        self.noise_strength = noise_strength
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         target = _find_perturbed(model)
@@ -119,7 +129,9 @@ class MetaPerturbCallback(TrainerCallback):
             raise ValueError(
                 "MetaPerturbCallback found no perturbed model in the Trainer; wrap it with add_perturbation first."
             )
-        target.set_noise_coeff(noise_coeff_at(state.global_step, state.max_steps, self.anneal_fraction))
+        target.set_noise_coeff(
+            noise_coeff_at(state.global_step, state.max_steps, self.anneal_fraction, self.noise_strength)
+        )
 
 
 def _find_perturbed(model: nn.Module | None):

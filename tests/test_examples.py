@@ -122,6 +122,28 @@ def test_benchmark_grid_places_phi_at_the_chosen_sites_only(target, phi_dir, tmp
                         "top"])
 
 
+def test_benchmark_grid_trains_each_noise_strength_as_its_own_column(target, phi_dir, tmp_path, monkeypatch):
+    """--noise-strengths: κ anneals to each value; the run ends (and is evaluated) at that κ."""
+    import metaperturb_hf.methods as methods
+
+    benchmark = load_script("transfer_grid", BENCHMARKS)
+    final_kappas = []
+    original = methods.train_classifier
+    monkeypatch.setattr(methods, "train_classifier", lambda model, *args, **kwargs: (
+        lambda result: final_kappas.append(model.noise_coeff) or result)(original(model, *args, **kwargs)))
+    benchmark.main(["--name", "strength", "--results-dir", str(tmp_path), "--targets", f"toy={target}:6", "--archs",
+                    "conv4", "--methods", "metaperturb", "--perturbations", f"rand={phi_dir}", "--noise-strengths",
+                    "1,0.5", "--seeds", "0", "--steps", "4", "--batch-size", "8", "--mc-samples", "2"])
+    assert final_kappas == pytest.approx([1.0, 0.5])
+    records = [json.loads(line) for line in (tmp_path / "strength.jsonl").read_text().splitlines()]
+    assert [(r["source"], r.get("noise_strength")) for r in records if r["method"] == "metaperturb"] == [
+        ("rand", None), ("rand κ=0.5", 0.5)]
+    with pytest.raises(ValueError, match="noise_strength"):
+        benchmark.main(["--name", "bad", "--results-dir", str(tmp_path), "--targets", f"toy={target}", "--archs",
+                        "conv4", "--methods", "metaperturb", "--perturbations", f"rand={phi_dir}", "--noise-strengths",
+                        "2"])
+
+
 def test_quickstart_runs_in_reduced_mode(tmp_path):
     load_script("quickstart").main(["--quick", "--steps", "3", "--train-per-class", "5", "--output-dir", str(tmp_path)])
     result = json.loads((tmp_path / "quickstart_results.json").read_text())

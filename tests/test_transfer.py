@@ -31,6 +31,10 @@ def test_noise_coeff_grows_linearly_over_the_first_40_percent():
     assert [noise_coeff_at(s, 100) for s in (0, 10, 20, 40, 41, 99)] == [0.0, 0.25, 0.5, 1.0, 1.0, 1.0]
 
 
+def test_a_weaker_noise_strength_scales_the_whole_schedule():
+    assert [noise_coeff_at(s, 100, noise_strength=0.5) for s in (0, 20, 40, 99)] == [0.0, 0.25, 0.5, 0.5]
+
+
 def test_learning_rate_drops_by_0_3_at_40_70_90_percent():
     factors = [learning_rate_factor(s, 100) for s in (0, 39, 40, 69, 70, 89, 90, 99)]
     assert factors == pytest.approx([1, 1, 0.3, 0.3, 0.09, 0.09, 0.027, 0.027])
@@ -98,3 +102,8 @@ def test_bad_schedule_settings_are_refused():
         TransferConfig(steps=0)
     with pytest.raises(ValueError, match="anneal_fraction"):
         TransferConfig(anneal_fraction=0)
+    for strength in (0.0, 1.5):
+        with pytest.raises(ValueError, match="noise_strength"):
+            TransferConfig(noise_strength=strength)
+        with pytest.raises(ValueError, match="noise_strength"):
+            MetaPerturbCallback(noise_strength=strength)
