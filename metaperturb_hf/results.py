@@ -71,14 +71,16 @@ def markdown_table(records: list[dict]) -> str:
              "", "| target | network | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for target, arch in rows:
         means = {c: statistics.mean(cells[(target, arch, c)]) for c in columns if cells.get((target, arch, c))}
-        best = max(means, key=means.get)
+        repeated = {c: m for c, m in means.items() if len(cells[(target, arch, c)]) > 1}
+        best = max(repeated or means, key=(repeated or means).get)  # one seed is no best, where others have more
         row = []
         for column in columns:
             values = cells.get((target, arch, column))
             if not values:
                 row.append("–")
                 continue
-            text = f"{statistics.mean(values):.2f} ± {confidence_interval(values):.2f} ({len(values)})"
+            spread = f" ± {confidence_interval(values):.2f}" if len(values) > 1 else ""
+            text = f"{statistics.mean(values):.2f}{spread} ({len(values)})"
             row.append(f"**{text}**" if column == best else text)
         lines.append(f"| {target} | {arch} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -127,7 +127,8 @@ def test_card_parses_back_with_the_numbers_of_the_benchmark_table(tmp_path):
     shown = markdown_table([r for r in grid if r["arch"] == "conv4"])
     assert shown in card.text and markdown_table(check) in card.text
     for *_, value in eval_cells(card):
-        assert f"{value:.2f} ± " in shown or f"{value:.2f} ± " in markdown_table(check)
+        assert f"{value:.2f} ± " in shown or f"{value:.2f} (1)" in markdown_table(check)
+    assert "nan" not in markdown_table(check)  # one seed has no interval
     assert "| cub | resnet20 |" not in card.text and "[other]" not in card.text
     assert "beats training without a regularizer in 1 of 1 settings" in card.text
     assert card_facts(card) == {"steps": "3", "final_metrics.valid_loss": "1.235"}
