@@ -22,7 +22,7 @@ from pathlib import Path
 from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import load_image_dataset, subsample_per_class, to_tensors
 from metaperturb_hf.methods import METHODS, run_transfer
-from metaperturb_hf.transfer import TransferConfig
+from metaperturb_hf.transfer import TransferConfig, check_noise_strength
 
 
 def parse_args(argv=None):
@@ -54,6 +54,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.hf_model:
         args.arch = f"hf:{args.hf_model}"
+    check_noise_strength(args.noise_strength)  # before any data is loaded
     return args
 
 

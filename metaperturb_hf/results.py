@@ -72,7 +72,8 @@ def markdown_table(records: list[dict]) -> str:
     for target, arch in rows:
         means = {c: statistics.mean(cells[(target, arch, c)]) for c in columns if cells.get((target, arch, c))}
         repeated = {c: m for c, m in means.items() if len(cells[(target, arch, c)]) > 1}
-        best = max(repeated or means, key=(repeated or means).get)  # one seed is no best, where others have more
+        candidates = repeated or means  # one seed is no best, where others have more
+        best = max(candidates, key=candidates.get)
         row = []
         for column in columns:
             values = cells.get((target, arch, column))

@@ -57,6 +57,7 @@ def test_transfer_script_writes_records_for_every_seed(target, phi_dir, tmp_path
         (["--method", "none", "--train-per-class", "50"], "fewer than per_class"),
         (["--method", "none", "--arch", "conv4", "--image-size", "8"], "too small"),
         (["--method", "finetune"], "init-from"),
+        (["--method", "none", "--noise-strength", "2"], "noise_strength"),
     ],
 )
 def test_transfer_script_refuses_bad_input_before_training(target, args, match):
