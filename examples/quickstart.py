@@ -74,8 +74,9 @@ def train_and_test(train: ImageTensors, test: ImageTensors, phi: MetaPerturbMode
         if phi is None:
             return {"none": accuracy(model, test)}
         results = {"metaperturb": accuracy(lambda x: model.predict_proba(x, num_samples=args.mc_samples), test)}
-        # One deterministic pass instead of MC, with BatchNorm statistics of its own re-estimated on training images,
-        # blended with the statistics from training by the weight whose single pass agrees most often with MC there.
+        # One deterministic pass instead of MC, with BatchNorm statistics of its own: blends of those re-estimated on
+        # training images with those from training, or those matched to the noise-averaged features, whichever single
+        # pass agrees most with MC there.
         model.calibrate_single_pass(normalize(chunk) for chunk in train.images.split(args.batch_size))
         model.choose_single_pass_statistics(normalize(chunk) for chunk in train.images.split(args.batch_size))
         model.set_noise_mode("mean")

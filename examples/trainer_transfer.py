@@ -8,7 +8,7 @@ alone, or a checkpoint whose head has another number of classes, starts that par
 CIFAR-sized `ResNetForImageClassification` (16-32-64 channels, three basic blocks per stage). `add_perturbation` puts
 φ after every residual block; `MetaPerturbCallback` anneals the noise over the first 40 % of the steps. After training
 the script reports the test accuracy with the softmax averaged over `--mc_samples` noise draws and with the
-single pass (calibrated, then blended with the statistics from training by agreement with MC), and saves the perturbed model with `save_pretrained` in `--output_dir`.
+single pass (calibrated, then given the candidate statistics that agree most with MC), and saves the perturbed model with `save_pretrained` in `--output_dir`.
 
 Every `TrainingArguments` field is a flag; the defaults differ from the Trainer's where a network trained from
 scratch on small images needs it (learning rate 1e-3, weight decay 5e-4, batch 128, 1500 steps). `--resume` continues

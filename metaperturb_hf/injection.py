@@ -31,6 +31,7 @@ from .classifier_saving import load_classifier, save_classifier
 from .hub import local_folder, upload_files
 from .loading import load_perturbation
 from .modeling_metaperturb import MetaPerturbModel
+from .moment_matching import match_single_pass_statistics
 from .perturbation_config import PerturbationConfig
 
 # Modules treated as activations. transformers wraps its own (GELUActivation, ...) in `transformers.activations`.
@@ -48,6 +49,8 @@ RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 # The blends of statistics from training (0) and re-estimated under the single pass (1) that
 # `choose_single_pass_statistics` tries.
 SINGLE_PASS_BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The key of the moment-matched statistics among the single pass's candidates (`single_pass_candidates`).
+MATCHED = "matched"
 # κ counts as the calibrated one within this (its stored copy may have been cast to a lower precision with the model).
 NOISE_COEFF_TOLERANCE = 1e-3
 PERTURBATION_FOLDER = "perturbation"
@@ -503,55 +506,69 @@ class PerturbedModel(SiteWrapper):
             mixed.num_batches_tracked.copy_(own.num_batches_tracked)
         return blend
 
-    @torch.no_grad()
-    def choose_single_pass_statistics(self, batches: Iterable, num_samples: int = 10, num_batches: int | None = None,
-                                      weights: Sequence[float] = SINGLE_PASS_BLEND_WEIGHTS) -> dict:
-        r"""
-        Give the single pass the blend of statistics `(1 − a) · from training + a · calibrated` (running mean and
-        variance of every norm layer) whose single pass agrees most often with the model's own Monte-Carlo
-        prediction (top-1 class of the softmax averaged over `num_samples` draws) on `batches`, for a in `weights`.
-        a = 1 keeps the calibration, a = 0 drops it (the single pass then normalises with the classifier's own
-        statistics); ties go to the larger a.
-
-        Why a blend: the statistics from training hold the variance that the noise added, which the single pass
-        lacks; re-estimated under it they restore the feature scale in a plain chain (Conv4), but in a residual
-        network they also rescale every branch against the identity path, which they leave unchanged. Measured on
-        CUB-50, the best single pass lies in between, and agreement with MC on training images, which needs neither
-        labels nor test data, finds it. Call it after `calibrate_single_pass`, on training batches (the kinds of
-        batches that takes). Returns the agreement (fraction of images) for every weight and the chosen `weight`.
-        """
+    def single_pass_candidates(self, batches: Iterable, num_samples: int = 10, num_batches: int | None = None,
+                               weights: Sequence[float] = SINGLE_PASS_BLEND_WEIGHTS,
+                               match_moments: bool = True) -> dict:
+        """The statistics `choose_single_pass_statistics` chooses among: the blend `single_pass_blend(a)` for every a
+        in `weights` (keyed by a) and, with `match_moments`, those of `match_single_pass_statistics` on `batches`
+        (keyed "matched"). Call it after `calibrate_single_pass`."""
         if self.single_pass_statistics is None:
-            raise ValueError("choose_single_pass_statistics blends a calibration with the statistics from training: "
-                             "call calibrate_single_pass(batches) first.")
-        if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 2:
-            raise ValueError(f"num_samples must be an integer >= 2 (the MC draws to agree with), got {num_samples!r}.")
+            raise ValueError("The single pass's candidate statistics start from a calibration: call "
+                             "calibrate_single_pass(batches) first.")
         weights = sorted({float(a) for a in weights}, reverse=True)
         if not weights or not all(0.0 <= a <= 1.0 for a in weights):
             raise ValueError(f"weights must be blend weights in [0, 1], at least one, got {weights!r}.")
+        candidates = {}
+        if match_moments:
+            candidates[MATCHED] = match_single_pass_statistics(self, batches, num_samples, num_batches)
+        return candidates | {a: self.single_pass_blend(a) for a in weights}
+
+    @torch.no_grad()
+    def choose_single_pass_statistics(self, batches: Iterable, num_samples: int = 10, num_batches: int | None = None,
+                                      weights: Sequence[float] = SINGLE_PASS_BLEND_WEIGHTS, match_moments: bool = True,
+                                      candidates: dict | None = None) -> dict:
+        r"""
+        Give the single pass the candidate statistics (`single_pass_candidates`) whose single pass agrees most often
+        with the model's own Monte-Carlo prediction (top-1 class of the softmax averaged over `num_samples` draws)
+        on `batches`: the blends `(1 − a) · from training + a · calibrated` (running mean and variance of every norm
+        layer) for a in `weights`, and with `match_moments` the statistics matched to the moments of the
+        noise-averaged features ("matched", `moment_matching`). a = 1 keeps the calibration, a = 0 drops it (the
+        single pass then normalises with the classifier's own statistics); ties go to "matched", then to the larger a.
+
+        Why candidates: the statistics from training hold the variance that the noise added, which the single pass
+        lacks; re-estimated under it they restore the feature scale in a plain chain (Conv4), but in a residual
+        network they also rescale every branch against the identity path, which they leave unchanged. The matched
+        statistics aim at what MC averages; agreement with MC on training images, which needs neither labels nor
+        test data, picks among them. Call it after `calibrate_single_pass`, on training batches (the kinds of batches
+        that takes; at most `num_batches` of them, held in memory), or pass the `candidates` already made from them.
+        Returns the agreement (fraction of images) of every candidate and the chosen one's key (`weight`).
+        """
+        if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 2:
+            raise ValueError(f"num_samples must be an integer >= 2 (the MC draws to agree with), got {num_samples!r}.")
+        batches = list(batches) if num_batches is None else [batch for _, batch in zip(range(num_batches), batches)]
+        if not batches:
+            raise ValueError("choose_single_pass_statistics got no batches: the data loader or iterable is empty.")
+        if candidates is None:
+            candidates = self.single_pass_candidates(batches, num_samples, None, weights, match_moments)
         calibrated, mode = self.single_pass_statistics, self.noise_mode
-        candidates = {a: self.single_pass_blend(a) for a in weights}
         device = next(iter(calibrated.buffers())).device
-        agreements, images = dict.fromkeys(weights, 0), 0
+        agreements, images = dict.fromkeys(candidates, 0), 0
         try:
             with eval_mode(self):
-                for used, batch in enumerate(batches):
-                    if num_batches is not None and used >= num_batches:
-                        break
+                for batch in batches:
                     args, kwargs = _model_inputs(batch, device)
                     self.noise_mode = "sample"
                     reference = self.predict_proba(*args, num_samples=num_samples, **kwargs).argmax(-1)
                     self.noise_mode = "mean"
-                    for a, statistics in candidates.items():
+                    for key, statistics in candidates.items():
                         self.single_pass_statistics = statistics
-                        agreements[a] += (self.predict_proba(*args, **kwargs).argmax(-1) == reference).sum().item()
+                        agreements[key] += (self.predict_proba(*args, **kwargs).argmax(-1) == reference).sum().item()
                     images += len(reference)
         finally:
             self.noise_mode, self.single_pass_statistics = mode, calibrated
-        if images == 0:
-            raise ValueError("choose_single_pass_statistics got no batches: the data loader or iterable is empty.")
-        weight = max(weights, key=lambda a: agreements[a])  # the first maximum in descending a: ties go to larger a
-        self.single_pass_statistics = candidates[weight]
-        return {"agreements": {a: count / images for a, count in sorted(agreements.items())}, "weight": weight}
+        chosen = max(candidates, key=lambda key: agreements[key])  # the first maximum: "matched", then larger a
+        self.single_pass_statistics = candidates[chosen]
+        return {"agreements": {key: count / images for key, count in agreements.items()}, "weight": chosen}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A state dict with single-pass statistics gives an uncalibrated model a place to load them into."""

@@ -13,7 +13,7 @@ from torch import nn
 from .architectures import create_model
 from .data import ImageTensors
 from .evaluation import evaluate, normalized_batches
-from .injection import SINGLE_PASS_BLEND_WEIGHTS, PerturbedModel, SiteWrapper, add_perturbation
+from .injection import MATCHED, PerturbedModel, SiteWrapper, add_perturbation
 from .modeling_metaperturb import MetaPerturbModel
 from .regularizers import REGULARIZERS, add_regularizer
 from .transfer import TransferConfig, train_classifier
@@ -72,12 +72,13 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     """`evaluate` of the single pass with the statistics `choose_single_pass_statistics` gives it, and every other
     candidate's accuracy beside it.
 
-    The single pass is calibrated on unaugmented training batches, then blended with the statistics from training
-    by the weight (`single_pass_weight`) whose single pass agrees most often with MC-`mc_samples` on the same batches
-    (`agreement_by_weight`); `accuracy_by_weight` is the test accuracy of every blend, so that `uncalibrated_accuracy`
-    (weight 0) and `calibrated_accuracy` (weight 1) are two of them. `noise_off_calibrated_accuracy`: the classifier
-    alone (κ = 0, the cost of a plain forward) with statistics calibrated at κ = 0. The model is left in "mean" mode
-    with the chosen statistics, at the κ it came with.
+    The single pass is calibrated on unaugmented training batches; its candidate statistics are the blends with the
+    statistics from training and those matched to the moments of the noise-averaged features ("matched"); the one
+    (`single_pass_weight`) whose single pass agrees most often with MC-`mc_samples` on the same batches
+    (`agreement_by_weight`) is kept. `accuracy_by_weight` is the test accuracy of every candidate, so that
+    `uncalibrated_accuracy` (weight 0), `calibrated_accuracy` (weight 1) and `matched_accuracy` are three of them.
+    `noise_off_calibrated_accuracy`: the classifier alone (κ = 0, the cost of a plain forward) with statistics
+    calibrated at κ = 0. The model is left in "mean" mode with the chosen statistics, at the κ it came with.
     """
     model.set_noise_mode("mean")
     kappa = model.noise_coeff
@@ -86,19 +87,21 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     noise_off = evaluate(model, test)["accuracy"]
     model.set_noise_coeff(kappa)
     used = model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
-    calibrated = model.single_pass_statistics
-    by_weight = {}
-    for weight in SINGLE_PASS_BLEND_WEIGHTS:
-        model.single_pass_statistics = model.single_pass_blend(weight)
-        by_weight[weight] = evaluate(model, test)
+    calibrated, draws = model.single_pass_statistics, max(2, mc_samples)
+    candidates = model.single_pass_candidates(normalized_batches(train, batch_size), draws, CALIBRATION_BATCHES)
+    by_candidate = {}
+    for key, statistics in candidates.items():
+        model.single_pass_statistics = statistics
+        by_candidate[key] = evaluate(model, test)
         model.single_pass_statistics = calibrated
-    choice = model.choose_single_pass_statistics(normalized_batches(train, batch_size), max(2, mc_samples),
-                                                 CALIBRATION_BATCHES, SINGLE_PASS_BLEND_WEIGHTS)
-    return {**by_weight[choice["weight"]], "single_pass_weight": choice["weight"],
-            "agreement_by_weight": {str(a): value for a, value in choice["agreements"].items()},
-            "accuracy_by_weight": {str(a): record["accuracy"] for a, record in by_weight.items()},
-            "uncalibrated_accuracy": by_weight[0.0]["accuracy"], "calibrated_accuracy": by_weight[1.0]["accuracy"],
-            "noise_off_calibrated_accuracy": noise_off, "calibration_batches": used}
+    choice = model.choose_single_pass_statistics(normalized_batches(train, batch_size), draws, CALIBRATION_BATCHES,
+                                                 candidates=candidates)
+    return {**by_candidate[choice["weight"]], "single_pass_weight": choice["weight"],
+            "agreement_by_weight": {str(key): value for key, value in choice["agreements"].items()},
+            "accuracy_by_weight": {str(key): record["accuracy"] for key, record in by_candidate.items()},
+            "uncalibrated_accuracy": by_candidate[0.0]["accuracy"], "calibrated_accuracy": by_candidate[1.0]["accuracy"],
+            "matched_accuracy": by_candidate[MATCHED]["accuracy"], "noise_off_calibrated_accuracy": noise_off,
+            "calibration_batches": used}
 
 
 def run_transfer(

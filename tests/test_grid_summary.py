@@ -30,4 +30,12 @@ def test_the_single_pass_row_reports_the_chosen_blend_and_the_worst_seed():
     records = [record("metaperturb", 0, 0.30, "phi"), single(0, 0.5, {"0.0": 0.20, "0.5": 0.29, "1.0": 0.25}),
                record("metaperturb", 1, 0.40, "phi"), single(1, 1.0, {"0.0": 0.30, "0.5": 0.38, "1.0": 0.41})]
     row = grid_summary.single_pass_table(records).splitlines()[-1]
-    assert row == "| cub | conv4 | phi | 2 | 35.00 | 35.00 | 25.00 | 33.00 | +1.00 | 0.5, 1 |"
+    assert row == "| cub | conv4 | phi | 2 | 35.00 | 35.00 | 25.00 | 33.00 | – | +1.00 | 0.5, 1 |"  # no matched yet
+
+
+def test_the_matched_statistics_get_their_column_and_a_partial_one_says_how_many_seeds():
+    records = [record("metaperturb", 0, 0.30, "phi"),
+               single(0, "matched", {"0.0": 0.20, "1.0": 0.25, "matched": 0.31}),
+               record("metaperturb", 1, 0.40, "phi"), single(1, 1.0, {"0.0": 0.30, "1.0": 0.41})]
+    row = grid_summary.single_pass_table(records).splitlines()[-1]
+    assert row == "| cub | conv4 | phi | 2 | 35.00 | 36.00 | 25.00 | 33.00 | 31.00 (1 of 2 seeds) | -1.00 | matched, 1 |"

@@ -11,7 +11,7 @@ from torch import nn
 
 from metaperturb_hf import PerturbedModel, add_perturbation
 from metaperturb_hf.architectures import create_model
-from metaperturb_hf.injection import SINGLE_PASS_BLEND_WEIGHTS, SINGLE_PASS_WEIGHTS_NAME
+from metaperturb_hf.injection import MATCHED, SINGLE_PASS_BLEND_WEIGHTS, SINGLE_PASS_WEIGHTS_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,13 +234,15 @@ def test_run_transfer_reports_both_passes_and_saves_the_calibrated_run(perturbat
     assert 0 <= single["uncalibrated_accuracy"] <= 1 and 0 <= single["noise_off_calibrated_accuracy"] <= 1
 
     weight = single["single_pass_weight"]
-    assert weight in SINGLE_PASS_BLEND_WEIGHTS and set(single["accuracy_by_weight"]) == set(single["agreement_by_weight"])
+    candidates = {str(a) for a in SINGLE_PASS_BLEND_WEIGHTS} | {MATCHED}
+    assert set(single["accuracy_by_weight"]) == set(single["agreement_by_weight"]) == candidates
     assert single["accuracy"] == single["accuracy_by_weight"][str(weight)]
     assert single["uncalibrated_accuracy"] == single["accuracy_by_weight"]["0.0"]
     assert single["calibrated_accuracy"] == single["accuracy_by_weight"]["1.0"]
+    assert single["matched_accuracy"] == single["accuracy_by_weight"][MATCHED]
 
     state = torch.load(saved, weights_only=True)
-    calibrated = weight > 0
+    calibrated = weight != 0.0
     assert any(key.startswith("single_pass_statistics.") for key in state) == calibrated
     restored = apply_method(build_classifier("conv4", 3, 16, 0), "metaperturb", 16, copy.deepcopy(perturbation))
     restored.load_state_dict(state)
@@ -254,7 +256,7 @@ def test_the_choice_counts_top1_agreement_with_mc_for_every_blend_and_keeps_the_
     model.calibrate_single_pass(batches)
     calibrated = copy.deepcopy(model.single_pass_statistics)
     torch.manual_seed(5)
-    choice = model.choose_single_pass_statistics(batches, num_samples=4, weights=(1.0, 0.0, 0.5))
+    choice = model.choose_single_pass_statistics(batches, num_samples=4, weights=(1.0, 0.0, 0.5), match_moments=False)
 
     torch.manual_seed(5)  # the same draws: the single passes in between draw no noise
     references = [model.predict_proba(x, num_samples=4).argmax(-1) for x in batches]
@@ -284,7 +286,8 @@ def blended_pass(model, calibrated, weight, x):
 def test_a_calibration_that_misleads_the_single_pass_is_dropped(perturbation):
     model = trained_conv4(perturbation)
     model.calibrate_single_pass([x.mean((2, 3), keepdim=True).expand_as(x) for x in calibration_batches()])  # flat
-    choice = model.choose_single_pass_statistics(calibration_batches(), num_samples=8, weights=(0.0, 1.0))
+    choice = model.choose_single_pass_statistics(calibration_batches(), num_samples=8, weights=(0.0, 1.0),
+                                                 match_moments=False)
     assert choice["weight"] == 0.0 and choice["agreements"][0.0] > choice["agreements"][1.0]
     assert model.single_pass_statistics is None and model.noise_mode == "sample" and not model.training
 
@@ -301,3 +304,17 @@ def test_choosing_needs_a_calibration_draws_weights_and_batches(perturbation):
     with pytest.raises(ValueError, match="no batches"):
         model.choose_single_pass_statistics([])
     assert model.single_pass_calibrated and model.noise_mode == "sample"
+
+
+def test_the_matched_statistics_are_a_candidate_and_chosen_over_a_misleading_calibration(perturbation):
+    model = trained_conv4(perturbation)
+    model.calibrate_single_pass([x.mean((2, 3), keepdim=True).expand_as(x) for x in calibration_batches()])  # flat
+    torch.manual_seed(5)
+    candidates = model.single_pass_candidates(calibration_batches(), num_samples=4, weights=(0.0, 1.0))
+    assert list(candidates) == [MATCHED, 1.0, 0.0] and candidates[0.0] is None
+    choice = model.choose_single_pass_statistics(calibration_batches(), num_samples=8, candidates=candidates)
+    assert set(choice["agreements"]) == {MATCHED, 1.0, 0.0}
+    # Matched on the real batches, it does not depend on the calibration's statistics, only on its κ.
+    assert choice["agreements"][MATCHED] > choice["agreements"][1.0]
+    assert choice["weight"] == max(candidates, key=lambda key: choice["agreements"][key])
+    assert model.single_pass_statistics is candidates[choice["weight"]]
