@@ -4,21 +4,10 @@ import copy
 
 import pytest
 import torch
+from test_single_pass import trained_conv4
 
-from metaperturb_hf import add_perturbation
-from metaperturb_hf.architectures import create_model
 from metaperturb_hf.injection import _running_norms
 from metaperturb_hf.moment_matching import match_single_pass_statistics
-
-
-def trained_conv4(perturbation, steps: int = 3):
-    """A Conv4 whose BatchNorm and site statistics were gathered under sampled noise, as after transfer training."""
-    torch.manual_seed(0)
-    model = add_perturbation(create_model("conv4", num_classes=5), perturbation)
-    model.train()
-    for _ in range(steps):
-        model(torch.randn(16, 3, 32, 32))
-    return model.eval()
 
 
 def one_batch(size: int = 64):
