@@ -196,11 +196,12 @@ def test_bad_calibration_input_is_refused_with_a_clear_error(perturbation):
         no_norms.calibrate_single_pass([torch.randn(4, 6)])
 
 
-def test_calibrated_single_pass_beats_the_uncalibrated_one_after_training(one_thread):
+def test_calibrated_and_matched_single_passes_beat_the_uncalibrated_one_after_training(one_thread):
     """Digits, Conv4 with the released Conv4 φ, 60 steps: the uncalibrated single pass falls near chance."""
     from metaperturb_hf import load_perturbation
     from metaperturb_hf.evaluation import evaluate, normalized_batches
     from metaperturb_hf.methods import apply_method, build_classifier
+    from metaperturb_hf.moment_matching import match_single_pass_statistics
     from metaperturb_hf.transfer import TransferConfig, train_classifier
 
     spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
@@ -216,6 +217,9 @@ def test_calibrated_single_pass_beats_the_uncalibrated_one_after_training(one_th
     model.calibrate_single_pass(normalized_batches(train, 32))
     calibrated = evaluate(model, test)["accuracy"]
     assert calibrated > uncalibrated + 0.2, (uncalibrated, calibrated)
+    model.single_pass_statistics = match_single_pass_statistics(model, normalized_batches(train, 32))
+    matched = evaluate(model, test)["accuracy"]
+    assert matched > uncalibrated + 0.2, (uncalibrated, matched)
 
 
 def test_run_transfer_reports_both_passes_and_saves_the_calibrated_run(perturbation, tmp_path):
