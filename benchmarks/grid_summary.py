@@ -8,6 +8,9 @@ close does its single pass come to MC?
    statistics from training), a = 1 (fully calibrated) and of the statistics matched to the moments of the
    noise-averaged features ("matched"; records made before it existed show "–"), the largest shortfall of the chosen
    single pass below MC over the seeds, and the candidates chosen.
+3. Other regularizers: per (target, network) the mean of none, of the best other regularizer (dropout, DropBlock,
+   manifold mixup, information dropout, fine-tuning) and of the best MetaPerturb column (MC), each with its seeds,
+   and MetaPerturb minus the best other.
 
     python benchmarks/grid_summary.py benchmarks/results/grid_1500.jsonl [--output benchmarks/results/grid_1500_summary.md]
 """
@@ -77,6 +80,39 @@ def single_pass_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+OTHER_REGULARIZERS = ("dropout", "dropblock", "manifold_mixup", "info_dropout", "finetune")
+
+
+def mean_with_seeds(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ({len(values)})"
+
+
+def best_column(columns: dict[str, list[float]]) -> tuple[str, list[float]]:
+    """The column with the highest mean; its name and values."""
+    return max(columns.items(), key=lambda item: statistics.mean(item[1]))
+
+
+def regularizer_table(records: list[dict]) -> str:
+    cells = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record["method"] in ("none", "metaperturb", *OTHER_REGULARIZERS):
+            column = record["source"] if record["method"] == "metaperturb" else record["method"]
+            cells[(record["target"], record["arch"], record["method"] == "metaperturb")][column].append(
+                100 * record["accuracy"])
+    lines = ["| target | network | none | best other regularizer | best MetaPerturb (MC-10) | MetaPerturb − best other |",
+             "|---|---|---|---|---|---|"]
+    for target, arch in sorted({(t, a) for t, a, _ in cells}):
+        others, perturbed = dict(cells[(target, arch, False)]), cells[(target, arch, True)]
+        none = others.pop("none", None)
+        if not others or not perturbed:
+            continue
+        (other, other_values), (source, values) = best_column(others), best_column(perturbed)
+        lines.append(f"| {target} | {arch} | {mean_with_seeds(none) if none else '–'} | "
+                     f"{other} {mean_with_seeds(other_values)} | {source} {mean_with_seeds(values)} | "
+                     f"{statistics.mean(values) - statistics.mean(other_values):+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("records", help="a transfer grid's JSONL records")
@@ -86,7 +122,9 @@ def main():
     if not records:
         parser.error(f"no records in {args.records}")
     text = (f"MetaPerturb against no perturbation, paired by seed:\n\n{gain_table(records)}\n"
-            f"Single pass against MC-10 (test accuracy %, means over seeds):\n\n{single_pass_table(records)}")
+            f"Single pass against MC-10 (test accuracy %, means over seeds):\n\n{single_pass_table(records)}\n"
+            f"MetaPerturb against the best other regularizer (test accuracy %, means over seeds, seeds in parentheses):"
+            f"\n\n{regularizer_table(records)}")
     print(text)
     if args.output:
         Path(args.output).write_text(text)

@@ -39,3 +39,12 @@ def test_the_matched_statistics_get_their_column_and_a_partial_one_says_how_many
                record("metaperturb", 1, 0.40, "phi"), single(1, 1.0, {"0.0": 0.30, "1.0": 0.41})]
     row = grid_summary.single_pass_table(records).splitlines()[-1]
     assert row == "| cub | conv4 | phi | 2 | 35.00 | 36.00 | 25.00 | 33.00 | 31.00 (1 of 2 seeds) | -1.00 | matched, 1 |"
+
+
+def test_metaperturb_is_set_against_the_best_other_regularizer_by_mean():
+    records = [record("none", 0, 0.30), record("dropout", 0, 0.31), record("dropout", 1, 0.33),
+               record("dropblock", 0, 0.34), record("metaperturb", 0, 0.35, "phi"), record("metaperturb", 0, 0.20, "psi"),
+               record("metaperturb_single_pass", 0, 0.50, "phi")]  # the single pass is not an MC column
+    row = grid_summary.regularizer_table(records).splitlines()[-1]
+    assert row == "| cub | conv4 | 30.00 (1) | dropblock 34.00 (1) | phi 35.00 (1) | +1.00 |"
+    assert len(grid_summary.regularizer_table(records[:1] + records[4:]).splitlines()) == 2  # no other: no row
