@@ -371,8 +371,9 @@ class PerturbedModel(SiteWrapper):
     its norms other activations. `calibrate_single_pass` re-estimates them under the single pass and keeps them as
     that mode's own: from then on, a forward in "mean" mode (φ in eval, at the calibrated κ) normalises with them,
     and every other forward with the classifier's own statistics, which training and MC use and which stay as they
-    were. `choose_single_pass_statistics` then blends them with the statistics from training, by the weight whose
-    single pass agrees most often with MC on training images.
+    were. `choose_single_pass_statistics` then keeps, among blends of them with the statistics from training and the
+    statistics matched to the moments of the noise-averaged features (`moment_matching`), the candidate whose single
+    pass agrees most often with MC on training images.
     """
 
     def __init__(
