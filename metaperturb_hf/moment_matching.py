@@ -32,6 +32,9 @@ from .classifier_io import eval_mode
 # The debiased variance of the noise-averaged features is kept at least this fraction of their raw variance, so
 # that a channel whose spread is mostly noise gets a small, positive target rather than a negative one.
 MIN_VARIANCE_FRACTION = 1e-3
+# r is kept at least this: a channel that is constant over the data (a dead filter) gets a finite, very wide v'
+# that maps the single pass onto the constant, not an infinite one.
+MIN_SPREAD = 1e-6
 
 
 def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -81,14 +84,14 @@ def _target_map(norm: nn.Module, mean: torch.Tensor, variance: torch.Tensor) -> 
     """r and d (module docstring): the spread and offset, in units of the training statistics, of the
     noise-averaged normalised features."""
     scale = (norm.running_var.double() + norm.eps).sqrt()
-    return variance.sqrt() / scale, (mean - norm.running_mean.double()) / scale
+    return (variance.sqrt() / scale).clamp(min=MIN_SPREAD), (mean - norm.running_mean.double()) / scale
 
 
 def _reshape(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.to(like.dtype).view(1, -1, *([1] * (like.dim() - 2)))
 
 
-def _mapped_output(norm: nn.Module, r: torch.Tensor, d: torch.Tensor):
+def _mapped_output(r: torch.Tensor, d: torch.Tensor):
     """Forward hook: batch-normalised output → r · normalised + d, before the norm's affine part."""
 
     def hook(module, args, output):
@@ -160,7 +163,7 @@ def match_single_pass_statistics(model, batches: Iterable, num_samples: int = 10
             with model._norm_statistics(store):
                 for _, norm in norms:
                     norm.train()
-                hooks = [_mapped_output(norm, *target) for (_, norm), target in zip(norms, maps)]
+                hooks = [_mapped_output(*target) for target in maps]
                 single = _moments_over(model, norms, keys, batches, device, 1, hooks)
     finally:
         model.noise_mode, model.noise_coeff = mode, noise_coeff

@@ -76,6 +76,22 @@ def test_without_noise_the_matched_statistics_are_the_classifiers_own(perturbati
         torch.testing.assert_close(statistics.running_var, norm.running_var, rtol=1e-3, atol=1e-5)
 
 
+def test_a_channel_constant_over_the_data_gets_finite_statistics(perturbation):
+    model = trained_conv4(perturbation)
+    first_conv = next(m for m in model.model.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        first_conv.weight[0].zero_()
+        if first_conv.bias is not None:
+            first_conv.bias[0].zero_()
+    model.calibrate_single_pass(one_batch(16))
+    matched = match_single_pass_statistics(model, one_batch(16), num_samples=3)
+    for statistics in matched.norms.values():
+        assert torch.isfinite(statistics.running_mean).all() and torch.isfinite(statistics.running_var).all()
+    model.single_pass_statistics = matched
+    model.set_noise_mode("mean")
+    assert torch.isfinite(model(one_batch(4)[0])).all()
+
+
 def test_matching_leaves_the_model_as_it_was(perturbation):
     model = trained_conv4(perturbation)
     model.calibrate_single_pass(one_batch(16))
