@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
 
 import torch
@@ -544,9 +544,12 @@ class PerturbedModel(SiteWrapper):
         that takes; at most `num_batches` of them, held in memory), or pass the `candidates` already made from them.
         Returns the agreement (fraction of images) of every candidate and the chosen one's key (`weight`).
         """
+        if self.single_pass_statistics is None:
+            raise ValueError("choose_single_pass_statistics chooses among statistics that start from a calibration: "
+                             "call calibrate_single_pass(batches) first.")
         if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 2:
             raise ValueError(f"num_samples must be an integer >= 2 (the MC draws to agree with), got {num_samples!r}.")
-        batches = list(batches) if num_batches is None else [batch for _, batch in zip(range(num_batches), batches)]
+        batches = list(islice(batches, num_batches))
         if not batches:
             raise ValueError("choose_single_pass_statistics got no batches: the data loader or iterable is empty.")
         if candidates is None:

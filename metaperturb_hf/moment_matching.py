@@ -23,6 +23,7 @@ moments, and the layers after it see what they will see at test time. If the sin
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 
 import torch
 from torch import nn
@@ -144,7 +145,7 @@ def match_single_pass_statistics(model, batches: Iterable, num_samples: int = 10
         raise ValueError("match_single_pass_statistics needs a calibration: call calibrate_single_pass first.")
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 2:
         raise ValueError(f"num_samples must be an integer >= 2 (noise draws per image), got {num_samples!r}.")
-    batches = list(batches) if num_batches is None else [b for _, b in zip(range(num_batches), batches)]
+    batches = list(islice(batches, num_batches))
     if not batches:
         raise ValueError("match_single_pass_statistics got no batches: the data loader or iterable is empty.")
     norms = _running_norms(model.model)
