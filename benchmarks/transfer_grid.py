@@ -16,17 +16,22 @@ to benchmarks/results/<name>.jsonl; a rerun skips what is there, so an interrupt
 MetaPerturb column with φ at those sites only (the paper's location ablation), named "SOURCE @top:6";
 `--noise-strengths 1,0.5` with a weaker perturbation (κ annealed to 0.5 instead of 1), named "SOURCE κ=0.5". `--report`
 (also done after every grid) writes <name>.md (mean ± 95 % CI per cell, best per row in bold) and <name>.png.
+
+Workers sharing a machine (benchmarks/gpu_grid.sh: many small runs on one GPU) pass the same `--claims DIR`, so each
+run goes to the first worker that claims it, and `--time-budget-s` so none starts a run it would not finish in
+time; `--merge FILE ...` adds the records made on another machine, skipping runs already here.
 """
 
 import argparse
 import itertools
-import json
 import math
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
+from grid_work import Budget, RunClaims, append_records, merge_records  # this folder is on sys.path as a script
 
 from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import load_image_dataset, subsample_per_class, to_tensors
@@ -113,6 +118,7 @@ def run_grid(args) -> None:
     shard, shards = (int(x) for x in args.shard.split("/"))
     todo = [run for i, run in enumerate(planned_runs(args)) if i % shards == shard and key_of(run) not in done]
     print(f"{len(todo)} runs to do in shard {shard}/{shards} ({len(done)} finished already)", flush=True)
+    claims, budget = RunClaims(args.claims) if args.claims else None, Budget(args.time_budget_s)
     targets, perturbations, cache = parse_targets(args.targets), parse_pairs(args.perturbations), {}
     source_networks = parse_pairs(args.source_networks)
     missing = {run["arch"] for run in todo if run["method"] == "finetune"} - set(source_networks)
@@ -120,6 +126,12 @@ def run_grid(args) -> None:
         raise ValueError(f"finetune needs a source-trained network for {', '.join(sorted(missing))}: pass "
                          "--source-networks ARCH=STATE_DICT (train one with examples/transfer.py --save-model).")
     for index, run in enumerate(todo, 1):
+        if not budget.allows_another():
+            print("time budget spent: the runs left wait for the next session", flush=True)
+            break
+        if claims and not claims.claim(key_of(run)):
+            continue
+        started = time.monotonic()
         data_path, per_class = targets[run["target"]]
         if data_path not in cache:
             cache = {data_path: [to_tensors(load_image_dataset(data_path, split)) for split in ("train", "test")]}
@@ -137,10 +149,9 @@ def run_grid(args) -> None:
         init_from = source_networks.get(run["arch"]) if run["method"] == "finetune" else None
         config = TransferConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"], noise_strength=strength)
         records = run_transfer(run["method"], run["arch"], train, test, config, phi, args.mc_samples, init_from,
-                               placement=placement)
-        with path.open("a") as f:  # one write per run: a killed run leaves no half record
-            f.write("".join(json.dumps({**run, **record, "mc_samples": record["num_samples"]}) + "\n"
-                            for record in records))
+                               placement=placement, device=args.device)
+        append_records(path, [{**run, **record, "mc_samples": record["num_samples"]} for record in records])
+        budget.record(time.monotonic() - started)
         print(f"[{index}/{len(todo)}] {run['target']} {run['arch']} {run['method']} {run['source']} seed {run['seed']}: "
               + ", ".join(f"{r['method']} {100 * r['accuracy']:.2f}" for r in records), flush=True)
 
@@ -199,15 +210,26 @@ def main(argv=None):
     parser.add_argument("--mc-samples", type=int, default=10)
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th cell starting at I")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or None)
+    parser.add_argument("--device", help="where each run trains and is evaluated (cuda, cuda:1; default: cpu)")
+    parser.add_argument("--claims", help="a folder shared by workers running the same grid: each run goes to one")
+    parser.add_argument("--time-budget-s", type=float,
+                        help="start no run that, taking as long as this worker's longest so far, would end later")
+    parser.add_argument("--merge", nargs="+", metavar="FILE",
+                        help="only add these records (e.g. from a GPU session) for runs <name>.jsonl does not hold")
+    parser.add_argument("--no-report", action="store_true", help="skip the table and chart (workers of one grid)")
     parser.add_argument("--report", action="store_true", help="only rebuild the table and chart from the records")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.report:
+    if args.merge:
+        added = merge_records(Path(args.results_dir) / f"{args.name}.jsonl", args.merge)
+        print(f"{added} records added to {args.name}.jsonl", flush=True)
+    elif not args.report:
         if not args.targets:
             parser.error("--targets is required to run a grid")
         run_grid(args)
-    print(report(args.name, args.results_dir))
+    if not args.no_report:
+        print(report(args.name, args.results_dir))
 
 
 if __name__ == "__main__":

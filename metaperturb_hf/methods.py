@@ -116,6 +116,7 @@ def run_transfer(
     progress: bool = False,
     save_model: str | None = None,
     placement: dict | None = None,
+    device: str | torch.device | None = None,
 ) -> list[dict]:
     """Train one (method, arch, seed) run and return its evaluation records (two for MetaPerturb: MC and single pass).
 
@@ -124,16 +125,19 @@ def run_transfer(
     `save_model` writes the trained network's state dict there (atomically), e.g. a source network for the
     "finetune" baseline; for MetaPerturb the whole `PerturbedModel.state_dict()` (φ, site and single-pass
     statistics included), which `add_perturbation` + `load_state_dict` restore and `init_from` also accepts.
-    `placement` chooses MetaPerturb's sites (`apply_method`).
+    `placement` chooses MetaPerturb's sites (`apply_method`). `device` is where it trains and is evaluated (default:
+    the CPU); records of a run elsewhere name it.
     """
     image_size = train.images.shape[-1]
     if method == "finetune" and not init_from:
         raise ValueError("method 'finetune' needs the source-trained network to start from (--init-from STATE_DICT).")
     model = build_classifier(arch, len(train.class_names), image_size, config.seed, init_from)
     model = apply_method(model, method, image_size, perturbation, placement)
-    result = train_classifier(model, train, config, progress=progress)
+    result = train_classifier(model, train, config, device=device, progress=progress)
     base = {"method": method, "arch": arch, "seed": config.seed, "steps": config.steps,
             "train_images": len(train), "train_seconds": round(result["train_seconds"], 1)}
+    if device is not None and torch.device(device).type != "cpu":
+        base["device"] = str(device)
     records = [{**base, **evaluate(model, test, num_samples=mc_samples if method == "metaperturb" else 1)}]
     if method == "metaperturb":
         records.append({**base, "method": "metaperturb_single_pass",

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ BENCHMARKS = EXAMPLES.parent / "benchmarks"
 
 
 def load_script(name: str, folder: Path = EXAMPLES):
+    """The script as a module, its folder on sys.path as when it runs (benchmarks import their siblings)."""
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location(f"script_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
