@@ -1,5 +1,5 @@
-"""Two questions a transfer grid's records answer, as markdown tables: does MetaPerturb beat no perturbation, and how
-close does its single pass come to MC?
+"""What a transfer grid's records answer, as markdown tables: does MetaPerturb beat no perturbation, how close does its
+single pass come to MC, does it beat the other regularizers, and where should φ go?
 
 1. Gain: per (target, network, φ) the mean ± std over seeds of MetaPerturb (MC) minus none, paired by seed, with
    the number of seeds whose gain is positive.
@@ -11,6 +11,8 @@ close does its single pass come to MC?
 3. Other regularizers: per (target, network) the mean of none, of the best other regularizer (dropout, DropBlock,
    manifold mixup, information dropout, fine-tuning) and of the best MetaPerturb column (MC), each with its seeds,
    and MetaPerturb minus the best other.
+4. Placement (the paper's location ablation): per (target, network, φ) that ran at some sites only, the mean (MC) of
+   every placement, all sites first, beside none.
 
     python benchmarks/grid_summary.py benchmarks/results/grid_1500.jsonl [--output benchmarks/results/grid_1500_summary.md]
 """
@@ -113,6 +115,31 @@ def regularizer_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def split_placement(source: str) -> tuple[str, str]:
+    """("authors @top:3 κ=0.5") -> ("authors κ=0.5", "top:3"); a column without "@" has φ at all sites."""
+    words = source.split(" ")
+    placements = [word[1:] for word in words if word.startswith("@")]
+    return " ".join(word for word in words if not word.startswith("@")), placements[0] if placements else "all"
+
+
+def placement_table(records: list[dict]) -> str:
+    cells = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        if record["method"] in ("none", "metaperturb"):
+            source, placement = split_placement(record["source"]) if record["method"] == "metaperturb" else ("", "none")
+            cells[(record["target"], record["arch"], source)][placement].append(100 * record["accuracy"])
+    rows = {key: columns for key, columns in cells.items() if set(columns) - {"all", "none"} and key[2]}
+    placements = sorted({placement for columns in rows.values() for placement in columns} - {"all", "none"})
+    lines = ["| target | network | φ | none | all sites | " + " | ".join(placements) + " |",
+             "|---|---|---|---|---|" + "---|" * len(placements)]
+    for (target, arch, source), columns in sorted(rows.items()):
+        none = cells[(target, arch, "")].get("none")
+        values = [columns.get(placement) for placement in ("all", *placements)]
+        lines.append(f"| {target} | {arch} | {source} | {mean_with_seeds(none) if none else '–'} | "
+                     + " | ".join(mean_with_seeds(v) if v else "–" for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("records", help="a transfer grid's JSONL records")
@@ -124,7 +151,9 @@ def main():
     text = (f"MetaPerturb against no perturbation, paired by seed:\n\n{gain_table(records)}\n"
             f"Single pass against MC-10 (test accuracy %, means over seeds):\n\n{single_pass_table(records)}\n"
             f"MetaPerturb against the best other regularizer (test accuracy %, means over seeds, seeds in parentheses):"
-            f"\n\n{regularizer_table(records)}")
+            f"\n\n{regularizer_table(records)}\n"
+            f"MetaPerturb by placement of φ (test accuracy %, MC-10, means over seeds, seeds in parentheses):\n\n"
+            f"{placement_table(records)}")
     print(text)
     if args.output:
         Path(args.output).write_text(text)

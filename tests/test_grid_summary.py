@@ -48,3 +48,17 @@ def test_metaperturb_is_set_against_the_best_other_regularizer_by_mean():
     row = grid_summary.regularizer_table(records).splitlines()[-1]
     assert row == "| cub | conv4 | 30.00 (1) | dropblock 34.00 (1) | phi 35.00 (1) | +1.00 |"
     assert len(grid_summary.regularizer_table(records[:1] + records[4:]).splitlines()) == 2  # no other: no row
+
+
+def test_each_placement_of_a_phi_gets_a_column_beside_all_sites_and_none():
+    records = [record("none", 0, 0.30), record("metaperturb", 0, 0.36, "phi"), record("metaperturb", 1, 0.34, "phi"),
+               record("metaperturb", 0, 0.31, "phi @top:3"), record("metaperturb", 0, 0.33, "phi @bottom:3"),
+               record("metaperturb", 0, 0.40, "psi κ=0.5")]  # psi ran at all sites only: no row
+    lines = grid_summary.placement_table(records).splitlines()
+    assert lines[0] == "| target | network | φ | none | all sites | bottom:3 | top:3 |"
+    assert lines[2:] == ["| cub | conv4 | phi | 30.00 (1) | 35.00 (2) | 33.00 (1) | 31.00 (1) |"]
+
+
+def test_a_placement_is_read_from_a_source_with_a_strength():
+    assert grid_summary.split_placement("authors @top_bottom:3 κ=0.5") == ("authors κ=0.5", "top_bottom:3")
+    assert grid_summary.split_placement("authors") == ("authors", "all")
