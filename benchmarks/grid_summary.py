@@ -123,20 +123,21 @@ def split_placement(source: str) -> tuple[str, str]:
 
 
 def placement_table(records: list[dict]) -> str:
-    cells = defaultdict(lambda: defaultdict(list))
+    none, cells = defaultdict(list), defaultdict(lambda: defaultdict(list))
     for record in records:
-        if record["method"] in ("none", "metaperturb"):
-            source, placement = split_placement(record["source"]) if record["method"] == "metaperturb" else ("", "none")
+        if record["method"] == "none":
+            none[(record["target"], record["arch"])].append(100 * record["accuracy"])
+        elif record["method"] == "metaperturb":
+            source, placement = split_placement(record["source"])
             cells[(record["target"], record["arch"], source)][placement].append(100 * record["accuracy"])
-    rows = {key: columns for key, columns in cells.items() if set(columns) - {"all", "none"} and key[2]}
-    placements = sorted({placement for columns in rows.values() for placement in columns} - {"all", "none"})
+    rows = {key: columns for key, columns in cells.items() if set(columns) != {"all"}}
+    placements = sorted({placement for columns in rows.values() for placement in columns} - {"all"})
     lines = ["| target | network | φ | none | all sites | " + " | ".join(placements) + " |",
              "|---|---|---|---|---|" + "---|" * len(placements)]
     for (target, arch, source), columns in sorted(rows.items()):
-        none = cells[(target, arch, "")].get("none")
-        values = [columns.get(placement) for placement in ("all", *placements)]
-        lines.append(f"| {target} | {arch} | {source} | {mean_with_seeds(none) if none else '–'} | "
-                     + " | ".join(mean_with_seeds(v) if v else "–" for v in values) + " |")
+        values = [none.get((target, arch)), *(columns.get(placement) for placement in ("all", *placements))]
+        lines.append(f"| {target} | {arch} | {source} | " + " | ".join(mean_with_seeds(v) if v else "–" for v in values)
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
