@@ -9,22 +9,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 ARCHS=${ARCHS:-conv4,resnet20}
-SOURCES=benchmarks/source_networks
-mkdir -p "$SOURCES"
-
-for arch in ${ARCHS//,/ }; do   # a rerun keeps a finished source network
-  [ -f "$SOURCES/tin_full_1500_$arch.pt" ] || OMP_NUM_THREADS=1 python examples/transfer.py \
-      --dataset "$DATA/tiny_imagenet_32_full" --arch "$arch" --method none --steps 1500 --seeds 0 --mc-samples 1 \
-      --save-model "$SOURCES/tin_full_1500_$arch.pt" --output "benchmarks/results/source_tin_full_1500_$arch.json" \
-      > "$SOURCES/tin_full_1500_$arch.log" 2>&1 &
-done
-wait
-
-networks=$(for arch in ${ARCHS//,/ }; do printf '%s=%s/tin_full_1500_%s.pt,' "$arch" "$SOURCES" "$arch"; done)
+networks=$(ARCHS=$ARCHS bash benchmarks/train_source_networks.sh "$DATA/tiny_imagenet_32_full" 1500 tin_full_1500 \
+  benchmarks/results/source_tin_full_1500)
 for shard in 0 1; do
   OMP_NUM_THREADS=1 python benchmarks/transfer_grid.py --name grid_1500 \
     --targets "cub=$DATA/cub200_2011_first50_32,cifar10=$DATA/cifar10_32:50,omniglot=$DATA/omniglot_bg_small_32" \
-    --archs "$ARCHS" --methods finetune --source-networks "${networks%,}" --seeds "${SEEDS:-0,1,2}" --steps 1500 \
+    --archs "$ARCHS" --methods finetune --source-networks "$networks" --seeds "${SEEDS:-0,1,2}" --steps 1500 \
     --mc-samples 10 --threads 1 --shard "$shard/2" > "benchmarks/results/finetune_1500.shard$shard.log" 2>&1 &
 done
 wait

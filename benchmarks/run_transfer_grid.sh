@@ -7,23 +7,13 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 STEPS=${STEPS:-100}
 ARCHS=${ARCHS:-conv4,resnet20}
-SOURCES=benchmarks/source_networks
-mkdir -p "$SOURCES"
-
-for arch in ${ARCHS//,/ }; do   # the network trained on the source data (Tiny ImageNet), for finetune
-  [ -f "$SOURCES/tin_$arch.pt" ] || OMP_NUM_THREADS=1 python examples/transfer.py --dataset "$DATA/tiny_imagenet_32" \
-      --arch "$arch" --method none --steps 500 --seeds 0 --mc-samples 1 --save-model "$SOURCES/tin_$arch.pt" \
-      --output "$SOURCES/tin_$arch.json" > "$SOURCES/tin_$arch.log" 2>&1 &
-done
-wait
-
-networks=$(for arch in ${ARCHS//,/ }; do printf '%s=%s/tin_%s.pt,' "$arch" "$SOURCES" "$arch"; done)
+networks=$(ARCHS=$ARCHS bash benchmarks/train_source_networks.sh "$DATA/tiny_imagenet_32" 500 tin)
 for shard in 0 1; do
   OMP_NUM_THREADS=1 python benchmarks/transfer_grid.py --name tin_transfer \
     --targets "cifar10=$DATA/cifar10_32:50,cub=$DATA/cub200_2011_first50_32,omniglot=$DATA/omniglot_bg_small_32" \
     --archs "$ARCHS" --methods none,metaperturb,dropout,dropblock,manifold_mixup,info_dropout,finetune \
     --perturbations tin-conv4=hub_cards/metaperturb-tin-conv4,tin-resnet20=hub_cards/metaperturb-tin-resnet20 \
-    --source-networks "${networks%,}" --seeds 0,1,2 --steps "$STEPS" --threads 1 --shard "$shard/2" \
+    --source-networks "$networks" --seeds 0,1,2 --steps "$STEPS" --threads 1 --shard "$shard/2" \
     > "benchmarks/results/tin_transfer.shard$shard.log" 2>&1 &
 done
 wait
