@@ -10,11 +10,16 @@ DATASET=$1 STEPS=$2 NAME=$3
 SOURCES=benchmarks/source_networks
 RECORDS=${4:-$SOURCES/$NAME}
 mkdir -p "$SOURCES"
+pids=()
 for arch in ${ARCHS//,/ }; do
-  [ -f "$SOURCES/${NAME}_$arch.pt" ] || OMP_NUM_THREADS=1 python examples/transfer.py --dataset "$DATASET" \
-      --arch "$arch" --method none --steps "$STEPS" --seeds 0 --mc-samples 1 --save-model "$SOURCES/${NAME}_$arch.pt" \
-      --output "${RECORDS}_$arch.json" > "$SOURCES/${NAME}_$arch.log" 2>&1 &
+  [ -f "$SOURCES/${NAME}_$arch.pt" ] && continue
+  OMP_NUM_THREADS=1 python examples/transfer.py --dataset "$DATASET" --arch "$arch" --method none --steps "$STEPS" \
+    --seeds 0 --mc-samples 1 --save-model "$SOURCES/${NAME}_$arch.pt" --output "${RECORDS}_$arch.json" \
+    > "$SOURCES/${NAME}_$arch.log" 2>&1 &
+  pids+=($!)
 done
-wait
+for pid in ${pids[@]+"${pids[@]}"}; do   # a failed one stops here, not later in the grid
+  wait "$pid" || { echo "training a source network failed: see $SOURCES/${NAME}_*.log" >&2; exit 1; }
+done
 networks=$(for arch in ${ARCHS//,/ }; do printf '%s=%s/%s_%s.pt,' "$arch" "$SOURCES" "$NAME" "$arch"; done)
 echo "${networks%,}"
