@@ -66,20 +66,25 @@ def single_pass_table(records: list[dict]) -> str:
     lines = ["| target | network | φ | seeds | MC-10 | single pass (chosen) | a = 0 | a = 1 | matched | "
              "largest shortfall below MC | chosen |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (target, arch, source), pairs in sorted(cells.items()):
-        def mean(values):
-            return f"{statistics.mean(values):.2f}"
         mc = [100 * m["accuracy"] for m, _ in pairs]
         chosen = [100 * s["accuracy"] for _, s in pairs]
-        trained = [100 * s["accuracy_by_weight"]["0.0"] for _, s in pairs]
-        calibrated = [100 * s["accuracy_by_weight"]["1.0"] for _, s in pairs]
         shortfall = max(a - b for a, b in zip(mc, chosen))
-        matched = [100 * s["accuracy_by_weight"]["matched"] for _, s in pairs if "matched" in s["accuracy_by_weight"]]
-        matched_mean = "–" if not matched else mean(matched) + (
-            "" if len(matched) == len(pairs) else f" ({len(matched)} of {len(pairs)} seeds)")
         weights = ", ".join(candidate_name(s["single_pass_weight"]) for _, s in pairs)
-        lines.append(f"| {target} | {arch} | {source} | {len(pairs)} | {mean(mc)} | {mean(chosen)} | {mean(trained)} | "
-                     f"{mean(calibrated)} | {matched_mean} | {shortfall:+.2f} | {weights} |")
+        trained, calibrated, matched = (candidate_mean([s for _, s in pairs], key) for key in ("0.0", "1.0", "matched"))
+        lines.append(f"| {target} | {arch} | {source} | {len(pairs)} | {statistics.mean(mc):.2f} | "
+                     f"{statistics.mean(chosen):.2f} | {trained} | {calibrated} | {matched} | {shortfall:+.2f} | "
+                     f"{weights} |")
     return "\n".join(lines) + "\n"
+
+
+def candidate_mean(singles: list[dict], key: str) -> str:
+    """One candidate's test accuracy over the seeds that have it: runs from before it existed lack it, and one
+    that broke the single pass (NaN or Inf features) holds None; "(k of n seeds)" says when those are left out."""
+    values = [100 * s["accuracy_by_weight"][key] for s in singles if s["accuracy_by_weight"].get(key) is not None]
+    if not values:
+        return "–"
+    return f"{statistics.mean(values):.2f}" + ("" if len(values) == len(singles) else
+                                              f" ({len(values)} of {len(singles)} seeds)")
 
 
 OTHER_REGULARIZERS = ("dropout", "dropblock", "manifold_mixup", "info_dropout", "finetune")

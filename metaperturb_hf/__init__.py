@@ -11,7 +11,7 @@ from .configuration_metaperturb import MetaPerturbConfig
 from .convert import convert_official_checkpoint, convert_official_classifier
 from .injection import PerturbedModel, Site, add_perturbation, find_sites
 from .loading import load_perturbation
-from .modeling_metaperturb import MetaPerturbModel
+from .modeling_metaperturb import MetaPerturbModel, NonFiniteFeaturesError
 from .perturbation_config import PerturbationConfig
 
 AutoConfig.register(MetaPerturbConfig.model_type, MetaPerturbConfig, exist_ok=True)
@@ -24,6 +24,7 @@ __all__ = [
     "__version__",
     "MetaPerturbConfig",
     "MetaPerturbModel",
+    "NonFiniteFeaturesError",
     "PerturbationConfig",
     "PerturbedModel",
     "Site",

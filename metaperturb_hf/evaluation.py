@@ -22,6 +22,7 @@ from torch import nn
 from .classifier_io import MAX_REPEATED_BATCH, classifier_logits, eval_mode, input_name_for, repeat_chunks
 from .data import ImageTensors, normalize
 from .injection import PerturbedModel
+from .modeling_metaperturb import NonFiniteFeaturesError
 
 # Rows of `probs` must sum to 1 within this tolerance (float32 softmax of many classes drifts by ~1e-6).
 PROBABILITY_SUM_TOLERANCE = 1e-3
@@ -95,7 +96,11 @@ def _predict(model: nn.Module, batches: Iterable[torch.Tensor], num_samples: int
             outputs.append(probs.to(batch.device))
     if not outputs:
         raise ValueError("No images to predict: the input is empty.")
-    return torch.cat(outputs)
+    probs = torch.cat(outputs)
+    if not torch.isfinite(probs).all():  # an accuracy from NaN probabilities would be a silent, meaningless number
+        raise NonFiniteFeaturesError("The model's probabilities hold NaN or Inf: its features overflowed on the way "
+                                     "to the logits (a diverged network, or a perturbation that blows them up).")
+    return probs
 
 
 def predict_proba(

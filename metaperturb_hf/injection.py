@@ -30,7 +30,7 @@ from .classifier_io import eval_mode, logits_of, repeat_chunks
 from .classifier_saving import load_classifier, save_classifier
 from .hub import local_folder, upload_files
 from .loading import load_perturbation
-from .modeling_metaperturb import MetaPerturbModel
+from .modeling_metaperturb import MetaPerturbModel, NonFiniteFeaturesError
 from .moment_matching import match_single_pass_statistics
 from .perturbation_config import PerturbationConfig
 
@@ -542,6 +542,8 @@ class PerturbedModel(SiteWrapper):
         statistics aim at what MC averages; agreement with MC on training images, which needs neither labels nor
         test data, picks among them. Call it after `calibrate_single_pass`, on training batches (the kinds of batches
         that takes; at most `num_batches` of them, held in memory), or pass the `candidates` already made from them.
+        A candidate with which the single pass gives NaN or Inf (a network whose features the expected noise
+        blows up) is not chosen and its agreement is None; `NonFiniteFeaturesError` when that leaves none.
         Returns the agreement (fraction of images) of every candidate and the chosen one's key (`weight`).
         """
         if self.single_pass_statistics is None:
@@ -565,14 +567,33 @@ class PerturbedModel(SiteWrapper):
                     reference = self.predict_proba(*args, num_samples=num_samples, **kwargs).argmax(-1)
                     self.noise_mode = "mean"
                     for key, statistics in candidates.items():
+                        if agreements[key] is None:
+                            continue
                         self.single_pass_statistics = statistics
-                        agreements[key] += (self.predict_proba(*args, **kwargs).argmax(-1) == reference).sum().item()
+                        prediction = self._finite_prediction(args, kwargs)
+                        agreements[key] = None if prediction is None else (
+                            agreements[key] + (prediction.argmax(-1) == reference).sum().item())
                     images += len(reference)
         finally:
             self.noise_mode, self.single_pass_statistics = mode, calibrated
-        chosen = max(candidates, key=lambda key: agreements[key])  # the first maximum: "matched", then larger a
+        usable = [key for key in candidates if agreements[key] is not None]
+        if not usable:
+            raise NonFiniteFeaturesError(
+                "Every candidate statistics gives the single pass NaN or Inf features: the expected noise breaks this "
+                "network whatever its normalisation. Predict with noise samples instead (set_noise_mode('sample'))."
+            )
+        chosen = max(usable, key=lambda key: agreements[key])  # the first maximum: "matched", then larger a
         self.single_pass_statistics = candidates[chosen]
-        return {"agreements": {key: count / images for key, count in agreements.items()}, "weight": chosen}
+        return {"agreements": {key: None if count is None else count / images for key, count in agreements.items()},
+                "weight": chosen}
+
+    def _finite_prediction(self, args, kwargs) -> torch.Tensor | None:
+        """The single pass's probabilities, or None where its features or its output are NaN or Inf."""
+        try:
+            probabilities = self.predict_proba(*args, **kwargs)
+        except NonFiniteFeaturesError:
+            return None
+        return probabilities if torch.isfinite(probabilities).all() else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A state dict with single-pass statistics gives an uncalibrated model a place to load them into."""

@@ -4,6 +4,7 @@ The transfer script, the benchmark grid and the quick start all go through `run_
 comes from the same code path.
 """
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from .architectures import create_model
 from .data import ImageTensors
 from .evaluation import evaluate, normalized_batches
 from .injection import MATCHED, PerturbedModel, SiteWrapper, add_perturbation
-from .modeling_metaperturb import MetaPerturbModel
+from .modeling_metaperturb import MetaPerturbModel, NonFiniteFeaturesError
 from .regularizers import REGULARIZERS, add_regularizer
 from .transfer import TransferConfig, train_classifier
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("none", "metaperturb", *REGULARIZERS, "finetune")
 # Training batches the single pass's BatchNorm statistics are re-estimated on after training (all, when fewer).
@@ -78,7 +81,8 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     (`agreement_by_weight`) is kept. `accuracy_by_weight` is the test accuracy of every candidate, so that
     `uncalibrated_accuracy` (weight 0), `calibrated_accuracy` (weight 1) and `matched_accuracy` are three of them.
     `noise_off_calibrated_accuracy`: the classifier alone (κ = 0, the cost of a plain forward) with statistics
-    calibrated at κ = 0. The model is left in "mean" mode with the chosen statistics, at the κ it came with.
+    calibrated at κ = 0. A candidate with which the single pass gives NaN or Inf has accuracy None. The model is
+    left in "mean" mode with the chosen statistics, at the κ it came with.
     """
     model.set_noise_mode("mean")
     kappa = model.noise_coeff
@@ -92,15 +96,19 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     by_candidate = {}
     for key, statistics in candidates.items():
         model.single_pass_statistics = statistics
-        by_candidate[key] = evaluate(model, test)
+        try:
+            by_candidate[key] = evaluate(model, test)
+        except NonFiniteFeaturesError:  # these statistics break the single pass; choose_single_pass_statistics skips them
+            by_candidate[key] = {"accuracy": None}
         model.single_pass_statistics = calibrated
     choice = model.choose_single_pass_statistics(normalized_batches(train, batch_size), draws, CALIBRATION_BATCHES,
                                                  candidates=candidates)
+    accuracy = {key: record["accuracy"] for key, record in by_candidate.items()}
     return {**by_candidate[choice["weight"]], "single_pass_weight": choice["weight"],
             "agreement_by_weight": {str(key): value for key, value in choice["agreements"].items()},
-            "accuracy_by_weight": {str(key): record["accuracy"] for key, record in by_candidate.items()},
-            "uncalibrated_accuracy": by_candidate[0.0]["accuracy"], "calibrated_accuracy": by_candidate[1.0]["accuracy"],
-            "matched_accuracy": by_candidate[MATCHED]["accuracy"], "noise_off_calibrated_accuracy": noise_off,
+            "accuracy_by_weight": {str(key): value for key, value in accuracy.items()},
+            "uncalibrated_accuracy": accuracy[0.0], "calibrated_accuracy": accuracy[1.0],
+            "matched_accuracy": accuracy[MATCHED], "noise_off_calibrated_accuracy": noise_off,
             "calibration_batches": used}
 
 
@@ -118,7 +126,8 @@ def run_transfer(
     placement: dict | None = None,
     device: str | torch.device | None = None,
 ) -> list[dict]:
-    """Train one (method, arch, seed) run and return its evaluation records (two for MetaPerturb: MC and single pass).
+    """Train one (method, arch, seed) run and return its evaluation records (two for MetaPerturb: MC and single pass,
+    or MC alone, with a warning, where every single-pass candidate gives NaN or Inf).
 
     MetaPerturb's single pass uses the statistics `evaluate_single_pass` chooses (calibrated or from training); its
     record also holds the accuracy with each and that of the classifier alone calibrated without noise.
@@ -140,8 +149,12 @@ def run_transfer(
         base["device"] = str(device)
     records = [{**base, **evaluate(model, test, num_samples=mc_samples if method == "metaperturb" else 1)}]
     if method == "metaperturb":
-        records.append({**base, "method": "metaperturb_single_pass",
-                        **evaluate_single_pass(model, train, test, config.batch_size, mc_samples)})
+        try:
+            single_pass = evaluate_single_pass(model, train, test, config.batch_size, mc_samples)
+        except NonFiniteFeaturesError as error:  # the MC record stands; only the single pass is unusable
+            logger.warning("No single-pass record for this run: %s", error)
+        else:
+            records.append({**base, "method": "metaperturb_single_pass", **single_pass})
     if save_model:  # a MetaPerturb run whole; a regularized network without its wrapper
         unwrapped = isinstance(model, SiteWrapper) and not isinstance(model, PerturbedModel)
         save_state_dict(model.model if unwrapped else model, save_model)

@@ -290,3 +290,12 @@ def test_clear_errors():
         pgd_attack(model, x, data.labels, epsilon=-0.1)
     with pytest.raises(ValueError, match="eot_samples"):
         pgd_attack(model, x, data.labels, epsilon=0.1, eot_samples=0)
+
+
+def test_an_overflowing_network_is_an_error_not_an_accuracy():
+    """Logits that overflow to Inf give NaN probabilities, whose argmax would still make an accuracy."""
+    model, data = memorising_model(), lit_channel_images()
+    with torch.no_grad():
+        model[2].weight.mul_(1e38)
+    with pytest.raises(modeling_metaperturb.NonFiniteFeaturesError, match="overflowed"):
+        evaluate(model, data)

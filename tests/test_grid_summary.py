@@ -41,6 +41,13 @@ def test_the_matched_statistics_get_their_column_and_a_partial_one_says_how_many
     assert row == "| cub | conv4 | phi | 2 | 35.00 | 36.00 | 25.00 | 33.00 | 31.00 (1 of 2 seeds) | -1.00 | matched, 1 |"
 
 
+def test_a_candidate_that_broke_the_single_pass_is_left_out_of_its_mean():
+    records = [record("metaperturb", 0, 0.30, "phi"), single(0, 0.0, {"0.0": 0.28, "1.0": None, "matched": None}),
+               record("metaperturb", 1, 0.40, "phi"), single(1, 1.0, {"0.0": 0.30, "1.0": 0.41, "matched": None})]
+    row = grid_summary.single_pass_table(records).splitlines()[-1]
+    assert row == "| cub | conv4 | phi | 2 | 35.00 | 34.50 | 29.00 | 41.00 (1 of 2 seeds) | – | +2.00 | 0, 1 |"
+
+
 def test_metaperturb_is_set_against_the_best_other_regularizer_by_mean():
     records = [record("none", 0, 0.30), record("dropout", 0, 0.31), record("dropout", 1, 0.33),
                record("dropblock", 0, 0.34), record("metaperturb", 0, 0.35, "phi"), record("metaperturb", 0, 0.20, "psi"),

@@ -12,6 +12,7 @@ from torch import nn
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
 from metaperturb_hf.architectures import create_model
+from metaperturb_hf.modeling_metaperturb import NonFiniteFeaturesError
 
 pytestmark = pytest.mark.usefixtures("fused_kernel", "one_thread")
 
@@ -148,6 +149,16 @@ def check_only_the_wanted_gradients(kernel, device="cpu"):
 
 def test_only_the_wanted_gradients():
     check_only_the_wanted_gradients("cpu")
+
+
+def test_broken_features_are_the_error_eager_raises():
+    """The kernel refuses NaN features with a plain ValueError; φ passes it on as eager's NonFiniteFeaturesError,
+    the type the single pass's choice of statistics catches."""
+    h = torch.randn(2, 3, 6, 6)
+    h[1, 2, 3, 4] = float("nan")
+    for kernel in ("cpu", "eager"):
+        with pytest.raises(NonFiniteFeaturesError, match="NaN or Inf"):
+            run(make_phi(), kernel, h, None, input_grad=False)
 
 
 def normals(kernel, like, seed):

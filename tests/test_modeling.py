@@ -136,8 +136,9 @@ def test_gradients_reach_phi_through_the_noise(perturbation):
     [
         (lambda: torch.randn(2, 3, 4), ValueError, "shape"),
         (lambda: torch.randint(0, 5, (2, 3, 4, 4)), TypeError, "floating point"),
-        (lambda: torch.full((2, 3, 4, 4), float("nan")), ValueError, "NaN or Inf"),
-        (lambda: torch.tensor([[[[float("inf")]]]]).expand(2, 3, 4, 4), ValueError, "NaN or Inf"),
+        (lambda: torch.full((2, 3, 4, 4), float("nan")), modeling_metaperturb.NonFiniteFeaturesError, "NaN or Inf"),
+        (lambda: torch.tensor([[[[float("inf")]]]]).expand(2, 3, 4, 4), modeling_metaperturb.NonFiniteFeaturesError,
+         "NaN or Inf"),
     ],
 )
 def test_bad_hidden_states_raise_clear_errors(perturbation, make_input, error, match):

@@ -12,6 +12,7 @@ from torch import nn
 from metaperturb_hf import PerturbedModel, add_perturbation
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.injection import MATCHED, SINGLE_PASS_BLEND_WEIGHTS, SINGLE_PASS_WEIGHTS_NAME
+from metaperturb_hf.modeling_metaperturb import NonFiniteFeaturesError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -322,3 +323,61 @@ def test_the_matched_statistics_are_a_candidate_and_chosen_over_a_misleading_cal
     assert choice["agreements"][MATCHED] > choice["agreements"][1.0]
     assert choice["weight"] == max(candidates, key=lambda key: choice["agreements"][key])
     assert model.single_pass_statistics is candidates[choice["weight"]]
+
+
+def statistics_that_break_the_single_pass(statistics):
+    """A copy whose first norm layer normalises with a NaN variance: NaN features from there on."""
+    broken = copy.deepcopy(statistics)
+    next(iter(broken.norms.values())).running_var.fill_(float("nan"))
+    return broken
+
+
+def test_candidates_that_break_the_single_pass_are_never_chosen(perturbation):
+    model = trained_conv4(perturbation)
+    model.calibrate_single_pass(calibration_batches())
+    candidates = model.single_pass_candidates(calibration_batches(), num_samples=4, weights=(0.0, 1.0),
+                                              match_moments=False)
+    candidates = {0.5: statistics_that_break_the_single_pass(candidates[1.0]), **candidates}  # would win ties
+    choice = model.choose_single_pass_statistics(calibration_batches(), num_samples=4, candidates=candidates)
+    assert choice["agreements"][0.5] is None and choice["weight"] in (0.0, 1.0)
+    assert choice["agreements"][choice["weight"]] > 0
+    assert model.single_pass_statistics is candidates[choice["weight"]]
+
+
+def test_when_every_candidate_breaks_the_single_pass_the_error_says_to_sample(perturbation):
+    model = trained_conv4(perturbation)
+    model.calibrate_single_pass(calibration_batches())
+    calibrated = model.single_pass_statistics
+    broken = {1.0: statistics_that_break_the_single_pass(calibrated)}
+    with pytest.raises(NonFiniteFeaturesError, match=r"set_noise_mode\('sample'\)"):
+        model.choose_single_pass_statistics(calibration_batches(), num_samples=4, candidates=broken)
+    assert model.single_pass_statistics is calibrated and model.noise_mode == "sample"
+
+
+@pytest.mark.parametrize("break_all", [False, True])
+def test_run_transfer_keeps_what_survives_statistics_that_break_the_single_pass(perturbation, monkeypatch, caplog,
+                                                                              break_all):
+    """A candidate that breaks the single pass is recorded with accuracy None; if all do, the MC record stands alone."""
+    from test_transfer import separable_data
+
+    from metaperturb_hf.methods import run_transfer
+    from metaperturb_hf.transfer import TransferConfig
+
+    candidates_of = PerturbedModel.single_pass_candidates
+
+    def with_broken(self, *args, **kwargs):
+        candidates = candidates_of(self, *args, **kwargs)
+        broken = statistics_that_break_the_single_pass(self.single_pass_statistics)
+        return {key: broken for key in candidates} if break_all else {**candidates, 0.5: broken}
+
+    monkeypatch.setattr(PerturbedModel, "single_pass_candidates", with_broken)
+    train, test = separable_data(n_per_class=8), separable_data(n_per_class=4)
+    records = run_transfer("metaperturb", "conv4", train, test, TransferConfig(steps=4, batch_size=8), perturbation,
+                           mc_samples=3)
+    assert records[0]["method"] == "metaperturb" and 0 <= records[0]["accuracy"] <= 1
+    if break_all:
+        assert len(records) == 1 and "No single-pass record" in caplog.text
+    else:
+        single = records[1]
+        assert single["accuracy_by_weight"]["0.5"] is None and single["agreement_by_weight"]["0.5"] is None
+        assert single["single_pass_weight"] != 0.5 and 0 <= single["accuracy"] <= 1
