@@ -16,6 +16,14 @@ from transformers import initialization as init
 
 from .configuration_metaperturb import MetaPerturbConfig
 
+# The start of the message φ's eager code and its compiled kernels give when the features reaching a site are broken.
+NON_FINITE_FEATURES = "hidden_states contains NaN or Inf; the features reaching this site are already broken"
+
+
+class NonFiniteFeaturesError(ValueError):
+    """The features reaching a perturbation site hold NaN or Inf. Its own type so that a caller trying several
+    settings (the single pass's candidate statistics) can tell a setting that breaks the network from a bad call."""
+
 
 @lru_cache(maxsize=4)
 def _gauss_hermite_standard_normal(num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,10 +202,7 @@ class _PerturbFunction(torch.autograd.Function):
         batch, channels, height, width = x.shape
         channel_mean = x.mean(dim=1, keepdim=True)
         if not torch.isfinite(channel_mean).all():
-            raise ValueError(
-                "hidden_states contains NaN or Inf; the features reaching this site are already broken "
-                "(check the input data and the layers before it)."
-            )
+            raise NonFiniteFeaturesError(f"{NON_FINITE_FEATURES} (check the input data and the layers before it).")
         hidden, mu = _noise_generator(x, channel_mean, identity_kernels, mean_kernels)
         ctx.seed = _noise_seed() if noise is None and not settings.expected_noise else None
         noise_argument = _noise_argument(mu, noise, ctx.seed, settings)
@@ -484,7 +489,12 @@ class MetaPerturbModel(PreTrainedModel):
         with torch.autocast(h.device.type, enabled=False):
             fused = _fused_phi(kernel or self.kernel, h, parameters, running_mean, running_var, noise, settings)
             function = fused or _PerturbFunction.apply
-            output, scale, noise_sample_mean = function(h, *parameters, running_mean, running_var, noise, settings)
+            try:
+                output, scale, noise_sample_mean = function(h, *parameters, running_mean, running_var, noise, settings)
+            except ValueError as error:  # a compiled kernel says it with a plain ValueError
+                if isinstance(error, NonFiniteFeaturesError) or NON_FINITE_FEATURES not in str(error):
+                    raise
+                raise NonFiniteFeaturesError(str(error)) from error
         if self._monitor_records is not None:
             self._monitor_records.append((scale.detach().mean(), noise_sample_mean))
         return output.view(hidden_states.shape) if is_flat else output
