@@ -21,8 +21,9 @@ NON_FINITE_FEATURES = "hidden_states contains NaN or Inf; the features reaching 
 
 
 class NonFiniteFeaturesError(ValueError):
-    """The features reaching a perturbation site hold NaN or Inf. Its own type so that a caller trying several
-    settings (the single pass's candidate statistics) can tell a setting that breaks the network from a bad call."""
+    """The features reaching a perturbation site, or the probabilities made from them, hold NaN or Inf. Its own type
+    so that a caller trying several settings (the single pass's candidate statistics) can tell a setting that breaks
+    the network from a bad call."""
 
 
 @lru_cache(maxsize=4)
