@@ -1,6 +1,9 @@
 """What a transfer grid's records answer, as markdown tables: does MetaPerturb beat no perturbation, how close does its
 single pass come to MC, does it beat the other regularizers, and where should φ go?
 
+0. Headline: per (target, network) none's mean and the gain over it, paired by seed, of every regularizer at its
+   default setting (MetaPerturb with each φ at every site and full strength, MC; each other regularizer), so that
+   no placement or strength picked on the test split enters it; `--chart` draws the same as dots per seed.
 1. Gain: per (target, network, φ) the mean ± std over seeds of MetaPerturb (MC) minus none, paired by seed, with
    the number of seeds whose gain is positive.
 2. Single pass: per (target, network, φ) the mean over seeds of MC, of the single pass that
@@ -15,6 +18,7 @@ single pass come to MC, does it beat the other regularizers, and where should φ
    every placement, all sites first, beside none.
 
     python benchmarks/grid_summary.py benchmarks/results/grid_1500.jsonl [--output benchmarks/results/grid_1500_summary.md]
+        [--chart benchmarks/results/grid_1500_gains.png]
 """
 
 import argparse
@@ -22,7 +26,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from metaperturb_hf.results import load_records
+from metaperturb_hf.results import accuracy_cells, column_name, load_records
 
 
 def by_run(records: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -39,15 +43,27 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
 
 
+def paired_gains(records: list[dict], include) -> dict[tuple[str, str, str], list[float]]:
+    """Test accuracy minus none's on the same seed, in points, by (target, arch, column) for the records that
+    `include` accepts; a run whose seed has no none record is left out."""
+    none = {(r["target"], r["arch"], r["seed"]): r["accuracy"] for r in records if r["method"] == "none"}
+    gains = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r["target"], r["arch"], r["source"], r["seed"])):
+        paired = none.get((record["target"], record["arch"], record["seed"]))
+        if record["method"] != "none" and include(record) and paired is not None:
+            gains[(record["target"], record["arch"], column_name(record))].append(100 * (record["accuracy"] - paired))
+    return dict(gains)
+
+
+def gains_with_count(gains: list[float]) -> str:
+    return f"{mean_std(gains)}, {sum(g > 0 for g in gains)} of {len(gains)}"
+
+
 def gain_table(records: list[dict]) -> str:
-    runs = by_run(records)
-    none = {(t, a, seed): methods["none"]["accuracy"] for (t, a, _, seed), methods in runs.items() if "none" in methods}
-    cells = defaultdict(list)
-    for (target, arch, source, seed), methods in sorted(runs.items()):
-        if "metaperturb" in methods and (target, arch, seed) in none:
-            cells[(target, arch, source)].append(100 * (methods["metaperturb"]["accuracy"] - none[(target, arch, seed)]))
+    cells = paired_gains(records, lambda record: record["method"] == "metaperturb")
     lines = ["| target | network | φ | MC-10 − none (points, mean ± std) | seeds with a gain |", "|---|---|---|---|---|"]
-    for (target, arch, source), gains in sorted(cells.items()):
+    for (target, arch, column), gains in sorted(cells.items()):
+        source = column.removeprefix("metaperturb [").removesuffix("]")
         lines.append(f"| {target} | {arch} | {source} | {mean_std(gains)} | {sum(g > 0 for g in gains)} of {len(gains)} |")
     return "\n".join(lines) + "\n"
 
@@ -146,15 +162,74 @@ def placement_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def is_default_setting(record: dict) -> bool:
+    """MetaPerturb (MC) with φ at every site and full strength, or another regularizer: what a user gets
+    without choosing a placement or a strength on the test split."""
+    if record["method"] == "metaperturb":
+        return "@" not in record["source"] and "κ=" not in record["source"]
+    return record["method"] in OTHER_REGULARIZERS
+
+
+def headline_table(records: list[dict]) -> str:
+    """Per (target, network) the mean of none and every default setting's gain over it, paired by seed."""
+    cells = paired_gains(records, is_default_setting)
+    none = accuracy_cells([record for record in records if record["method"] == "none"])
+    columns = sorted({column for _, _, column in cells}, key=lambda c: (not c.startswith("metaperturb"), c))
+    lines = ["| " + " | ".join(["target", "network", "none", *columns]) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for target, arch in sorted({(t, a) for t, a, _ in cells}):
+        values = none[(target, arch, "none")]
+        gains = [cells.get((target, arch, column)) for column in columns]
+        lines.append(f"| {target} | {arch} | {mean_with_seeds(values)} | "
+                     + " | ".join(gains_with_count(g) if g else "–" for g in gains) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gain_chart(records: list[dict], path: Path) -> None:
+    """One panel per (target, network): each default setting's gain over none, every seed a dot, the mean a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = paired_gains(records, is_default_setting)
+    panels = sorted({(t, a) for t, a, _ in cells})
+    columns = sorted({column for _, _, column in cells}, key=lambda c: (not c.startswith("metaperturb"), c),
+                     reverse=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 0.35 * len(columns) + 1.4), sharey=True,
+                             squeeze=False)
+    for ax, (target, arch) in zip(axes[0], panels):
+        for row, column in enumerate(columns):
+            gains = cells.get((target, arch, column))
+            if not gains:
+                continue
+            color = "tab:red" if column.startswith("metaperturb") else "tab:gray"
+            ax.scatter(gains, [row] * len(gains), s=9, color=color, alpha=0.5, zorder=2)
+            spread = statistics.stdev(gains) if len(gains) > 1 else 0
+            ax.errorbar(statistics.mean(gains), row, xerr=spread, fmt="D", color=color, markersize=5, capsize=2,
+                        zorder=3)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{target}, {arch}", fontsize=9)
+        ax.set_xlabel("points over none", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(columns)), columns, fontsize=8)
+    fig.suptitle("Test accuracy minus none, paired by seed (dots: seeds; diamonds: mean ± std)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("records", help="a transfer grid's JSONL records")
     parser.add_argument("--output", help="also write the tables to this markdown file")
+    parser.add_argument("--chart", help="also draw the headline's gains over none, paired by seed, to this PNG")
     args = parser.parse_args()
     records = load_records(args.records)
     if not records:
         parser.error(f"no records in {args.records}")
-    text = (f"MetaPerturb against no perturbation, paired by seed:\n\n{gain_table(records)}\n"
+    text = (f"Every regularizer at its default setting against no perturbation (points over none's mean "
+            f"accuracy %, paired by seed: mean ± std, seeds with a gain):\n\n{headline_table(records)}\n"
+            f"MetaPerturb against no perturbation, paired by seed:\n\n{gain_table(records)}\n"
             f"Single pass against MC-10 (test accuracy %, means over seeds):\n\n{single_pass_table(records)}\n"
             f"MetaPerturb against the best other regularizer (test accuracy %, means over seeds, seeds in parentheses):"
             f"\n\n{regularizer_table(records)}\n"
@@ -163,6 +238,8 @@ def main():
     print(text)
     if args.output:
         Path(args.output).write_text(text)
+    if args.chart:
+        gain_chart(records, Path(args.chart))
 
 
 if __name__ == "__main__":

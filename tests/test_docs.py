@@ -31,5 +31,5 @@ def test_relative_links_resolve(document):
 
 def test_the_docs_exist_and_the_readme_points_to_each():
     readme = (REPO / "README.md").read_text()
-    for name in ("method.md", "sites.md", "protocols.md"):
+    for name in ("method.md", "sites.md", "protocols.md", "results.md"):
         assert (REPO / "docs" / name).is_file() and f"(docs/{name})" in readme, name

@@ -69,3 +69,21 @@ def test_each_placement_of_a_phi_gets_a_column_beside_all_sites_and_none():
 def test_a_placement_is_read_from_a_source_with_a_strength():
     assert grid_summary.split_placement("authors @top_bottom:3 κ=0.5") == ("authors κ=0.5", "top_bottom:3")
     assert grid_summary.split_placement("authors") == ("authors", "all")
+
+
+def test_the_headline_pairs_every_default_setting_with_none_and_leaves_chosen_settings_out():
+    records = [record("none", 0, 0.30), record("none", 1, 0.40),
+               record("metaperturb", 0, 0.33, "phi"), record("metaperturb", 1, 0.41, "phi"),
+               record("dropout", 0, 0.28), record("dropout", 2, 0.90),  # seed 2 has no none to pair with
+               record("metaperturb", 0, 0.50, "phi @top:3"), record("metaperturb", 0, 0.50, "phi κ=0.5"),
+               record("metaperturb_single_pass", 0, 0.50, "phi")]
+    lines = grid_summary.headline_table(records).splitlines()
+    assert lines[0] == "| target | network | none | metaperturb [phi] | dropout |"
+    assert lines[2:] == ["| cub | conv4 | 35.00 (2) | +2.00 ± 1.41, 2 of 2 | -2.00 (1 seed), 0 of 1 |"]
+
+
+def test_the_gain_chart_is_drawn_with_a_panel_per_cell(tmp_path):
+    records = [record("none", 0, 0.30), record("metaperturb", 0, 0.33, "phi"), record("dropout", 0, 0.28),
+               {**record("none", 0, 0.60), "target": "omniglot"}, {**record("dropout", 0, 0.50), "target": "omniglot"}]
+    grid_summary.gain_chart(records, tmp_path / "gains.png")
+    assert (tmp_path / "gains.png").read_bytes().startswith(b"\x89PNG")

@@ -1,5 +1,6 @@
 """The README's usage example runs as written (with the authors' checkpoint from ../shared)."""
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -27,3 +28,12 @@ def test_usage_example_runs(official_checkpoint, tmp_path, monkeypatch):
     assert loaded.sites == model.sites and loaded.single_pass_calibrated == model.single_pass_calibrated
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_the_results_headline_is_what_grid_summary_makes_of_the_committed_records():
+    spec = importlib.util.spec_from_file_location("grid_summary", README.parent / "benchmarks" / "grid_summary.py")
+    grid_summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid_summary)
+    records = grid_summary.load_records(README.parent / "benchmarks" / "results" / "grid_1500.jsonl")
+    results = README.read_text().split("## Results", 1)[1].split("\n## ", 1)[0]
+    assert grid_summary.headline_table(records) in results, "README is stale: python benchmarks/grid_summary.py ..."
