@@ -3,7 +3,8 @@ single pass come to MC, does it beat the other regularizers, and where should φ
 
 0. Headline: per (target, network) none's mean and the gain over it, paired by seed, of every regularizer at its
    default setting (MetaPerturb with each φ at every site and full strength, MC; each other regularizer), so that
-   no placement or strength picked on the test split enters it; `--chart` draws the same as dots per seed.
+   no placement or strength picked on the test split enters it; `--chart` draws the same as dots per seed. Beside
+   it, the same settings' expected calibration error.
 1. Gain: per (target, network, φ) the mean ± std over seeds of MetaPerturb (MC) minus none, paired by seed, with
    the number of seeds whose gain is positive.
 2. Single pass: per (target, network, φ) the mean over seeds of MC, of the single pass that
@@ -170,17 +171,40 @@ def is_default_setting(record: dict) -> bool:
     return record["method"] in OTHER_REGULARIZERS
 
 
+def setting_columns(cells: dict) -> list[str]:
+    """The columns of cells keyed (target, arch, column), MetaPerturb's first."""
+    return sorted({column for _, _, column in cells}, key=lambda c: (not c.startswith("metaperturb"), c))
+
+
 def headline_table(records: list[dict]) -> str:
     """Per (target, network) the mean of none and every default setting's gain over it, paired by seed."""
     cells = paired_gains(records, is_default_setting)
     none = accuracy_cells([record for record in records if record["method"] == "none"])
-    columns = sorted({column for _, _, column in cells}, key=lambda c: (not c.startswith("metaperturb"), c))
+    columns = setting_columns(cells)
     lines = ["| " + " | ".join(["target", "network", "none", *columns]) + " |", "|---|---|---|" + "---|" * len(columns)]
     for target, arch in sorted({(t, a) for t, a, _ in cells}):
         values = none[(target, arch, "none")]
         gains = [cells.get((target, arch, column)) for column in columns]
         lines.append(f"| {target} | {arch} | {mean_with_seeds(values)} | "
                      + " | ".join(gains_with_count(g) if g else "–" for g in gains) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def calibration_table(records: list[dict]) -> str:
+    """Per (target, network) the mean expected calibration error of none and of every default setting (MC for
+    MetaPerturb), the lowest in bold: the paper reports MetaPerturb calibrating better."""
+    cells = defaultdict(list)
+    for record in records:
+        if record["method"] == "none" or is_default_setting(record):
+            cells[(record["target"], record["arch"], column_name(record))].append(record["ece"])
+    columns = ["none", *setting_columns({key: v for key, v in cells.items() if key[2] != "none"})]
+    lines = ["| " + " | ".join(["target", "network", *columns]) + " |", "|---|---|" + "---|" * len(columns)]
+    for target, arch in sorted({(t, a) for t, a, c in cells if c != "none" and (t, a, "none") in cells}):
+        means = {c: statistics.mean(cells[(target, arch, c)]) for c in columns if (target, arch, c) in cells}
+        lowest = min(means, key=means.get)
+        lines.append(f"| {target} | {arch} | " + " | ".join(
+            "–" if c not in means else f"**{means[c]:.3f}**" if c == lowest else f"{means[c]:.3f}" for c in columns)
+            + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,8 +217,7 @@ def gain_chart(records: list[dict], path: Path) -> None:
 
     cells = paired_gains(records, is_default_setting)
     panels = sorted({(t, a) for t, a, _ in cells})
-    columns = sorted({column for _, _, column in cells}, key=lambda c: (not c.startswith("metaperturb"), c),
-                     reverse=True)
+    columns = setting_columns(cells)[::-1]  # top to bottom
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 0.35 * len(columns) + 1.4), sharey=True,
                              squeeze=False)
     for ax, (target, arch) in zip(axes[0], panels):
@@ -229,6 +252,7 @@ def main():
         parser.error(f"no records in {args.records}")
     text = (f"Every regularizer at its default setting against no perturbation (points over none's mean "
             f"accuracy %, paired by seed: mean ± std, seeds with a gain):\n\n{headline_table(records)}\n"
+            f"Expected calibration error (15 bins), means over seeds, lowest in bold:\n\n{calibration_table(records)}\n"
             f"MetaPerturb against no perturbation, paired by seed:\n\n{gain_table(records)}\n"
             f"Single pass against MC-10 (test accuracy %, means over seeds):\n\n{single_pass_table(records)}\n"
             f"MetaPerturb against the best other regularizer (test accuracy %, means over seeds, seeds in parentheses):"

@@ -87,3 +87,12 @@ def test_the_gain_chart_is_drawn_with_a_panel_per_cell(tmp_path):
                {**record("none", 0, 0.60), "target": "omniglot"}, {**record("dropout", 0, 0.50), "target": "omniglot"}]
     grid_summary.gain_chart(records, tmp_path / "gains.png")
     assert (tmp_path / "gains.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_calibration_is_compared_between_none_and_the_default_settings_with_the_lowest_in_bold():
+    records = [record("none", 0, 0.30, ece=0.30), record("none", 1, 0.40, ece=0.20),
+               record("metaperturb", 0, 0.33, "phi", ece=0.10), record("metaperturb", 0, 0.50, "phi κ=0.5", ece=0.01),
+               record("dropout", 0, 0.28, ece=0.40), {**record("dropout", 0, 0.5, ece=0.1), "target": "omniglot"}]
+    lines = grid_summary.calibration_table(records).splitlines()
+    assert lines[0] == "| target | network | none | metaperturb [phi] | dropout |"
+    assert lines[2:] == ["| cub | conv4 | 0.250 | **0.100** | 0.400 |"]  # omniglot has no none: no row
