@@ -27,7 +27,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from metaperturb_hf.results import accuracy_cells, column_name, load_records
+from metaperturb_hf.results import accuracy_cells, column_name, load_records, mean_std, paired_gains
 
 
 def by_run(records: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -36,24 +36,6 @@ def by_run(records: list[dict]) -> dict[tuple, dict[str, dict]]:
     for record in records:
         runs[(record["target"], record["arch"], record["source"], record["seed"])][record["method"]] = record
     return runs
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:+.2f} (1 seed)" if values else "–"
-    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
-
-
-def paired_gains(records: list[dict], include) -> dict[tuple[str, str, str], list[float]]:
-    """Test accuracy minus none's on the same seed, in points, by (target, arch, column) for the records that
-    `include` accepts; a run whose seed has no none record is left out."""
-    none = {(r["target"], r["arch"], r["seed"]): r["accuracy"] for r in records if r["method"] == "none"}
-    gains = defaultdict(list)
-    for record in sorted(records, key=lambda r: (r["target"], r["arch"], r["source"], r["seed"])):
-        paired = none.get((record["target"], record["arch"], record["seed"]))
-        if record["method"] != "none" and include(record) and paired is not None:
-            gains[(record["target"], record["arch"], column_name(record))].append(100 * (record["accuracy"] - paired))
-    return dict(gains)
 
 
 def gains_with_count(gains: list[float]) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
 
 from .meta_training_record import META_TRAINING_FILE, read_record
-from .results import accuracy_cells, markdown_table
+from .results import accuracy_cells, markdown_table, mean_std, paired_gains
 
 LIBRARY_NAME = "metaperturb-hf"
 TAGS = ["metaperturb", "meta-learning", "regularization", "image-classification"]
@@ -144,6 +144,18 @@ def _facts_table(meta_training: dict) -> str:
     return "| entry | value |\n|---|---|\n" + "\n".join(f"| `{key}` | {value} |" for key, value in facts.items())
 
 
+def _gain_table(records: list[dict]) -> str:
+    """MetaPerturb's MC columns minus none on the same seed: what the accuracy table's means cannot show."""
+    gains = paired_gains(records, lambda record: record["method"] == "metaperturb")
+    if not gains:
+        return ""
+    lines = ["Test accuracy minus none's on the same seed (points, mean ± std over seeds):", "",
+             "| target | network | setting | MC − none | seeds with a gain |", "|---|---|---|---|---|"]
+    lines += [f"| {target} | {arch} | {column} | {mean_std(values)} | {sum(v > 0 for v in values)} of {len(values)} |"
+              for (target, arch, column), values in sorted(gains.items())]
+    return "\n".join(lines) + "\n"
+
+
 def _results(results: dict[str, list[dict]], source: str | None) -> tuple[str, list[EvalResult], str]:
     """Per records file, the benchmark table's rows where φ `source` ran; its means as eval results; a tally."""
     sections, evals, wins, comparisons = [], [], 0, 0
@@ -154,8 +166,9 @@ def _results(results: dict[str, list[dict]], source: str | None) -> tuple[str, l
             steps[(record["target"], record["arch"])].add(record["steps"])
         if not steps:
             continue
-        shown = [r for r in records if (r["target"], r["arch"]) in steps]
-        sections.append(f"From `{label}`:\n\n{markdown_table(shown)}")
+        shown = [r for r in records if (r["target"], r["arch"]) in steps  # no other φ; this one's placements
+                 and (r["source"] == "-" or r["source"].split(" ")[0] == source)]  # and strengths too
+        sections.append(f"From `{label}`:\n\n{markdown_table(shown)}\n{_gain_table(shown)}")
         baseline = accuracy_cells([r for r in shown if r["method"] == "none"])
         target_steps = defaultdict(list)
         for (target, _), counts in steps.items():
@@ -174,8 +187,9 @@ def _results(results: dict[str, list[dict]], source: str | None) -> tuple[str, l
                 wins += mean > statistics.mean(baseline[(target, arch, "none")])
     if not sections:
         return f"No transfer results recorded for this φ yet (no benchmark record has `source` `{source}`).", [], ""
-    text = (f"Transfer runs whose `source` is `{source}`, beside the other methods of the same rows; the model-index "
-            "holds the means of this φ's columns.\n\n" + "\n".join(sections))
+    text = (f"Transfer runs whose `source` is `{source}` (also at other placements and strengths), beside the methods "
+            "without a φ in the same rows; the model-index holds the means of this φ's columns.\n\n"
+            + "\n".join(sections))
     comparison = (f"\n- In these records, MetaPerturb with this φ (MC evaluation) beats training without a "
                   f"regularizer in {wins} of {comparisons} settings." if comparisons else "")
     return text, evals, comparison

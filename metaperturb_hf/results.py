@@ -85,3 +85,22 @@ def markdown_table(records: list[dict]) -> str:
             row.append(f"**{text}**" if column == best else text)
         lines.append(f"| {target} | {arch} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def paired_gains(records: list[dict], include) -> dict[tuple[str, str, str], list[float]]:
+    """Test accuracy minus none's on the same seed, in points, by (target, arch, column) for the records that
+    `include` accepts; a run whose seed has no none record is left out."""
+    none = {(r["target"], r["arch"], r["seed"]): r["accuracy"] for r in records if r["method"] == "none"}
+    gains = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r["target"], r["arch"], r["source"], r["seed"])):
+        paired = none.get((record["target"], record["arch"], record["seed"]))
+        if record["method"] != "none" and include(record) and paired is not None:
+            gains[(record["target"], record["arch"], column_name(record))].append(100 * (record["accuracy"] - paired))
+    return dict(gains)
+
+
+def mean_std(values: list[float]) -> str:
+    """A gain as "+1.23 ± 0.45" (mean ± std over seeds), or "+1.23 (1 seed)"."""
+    if len(values) < 2:
+        return f"{values[0]:+.2f} (1 seed)" if values else "–"
+    return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"

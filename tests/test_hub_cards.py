@@ -113,6 +113,8 @@ def test_card_parses_back_with_the_numbers_of_the_benchmark_table(tmp_path):
     grid += [_record("mine", "cub", "conv4", "metaperturb", s, a) for s, a in enumerate([0.33, 0.35, 0.30])]
     grid += [_record("mine", "cub", "conv4", "metaperturb_single_pass", s, a) for s, a in enumerate([0.2, 0.25, 0.3])]
     grid += [_record("other", "cub", "resnet20", "metaperturb", 0, 0.4), _record("-", "cub", "resnet20", "none", 0, 0.5)]
+    grid += [_record("mine κ=0.5", "cub", "conv4", "metaperturb", 0, 0.34), _record("other κ=0.5", "cub", "conv4",
+                                                                                    "metaperturb", 0, 0.9)]
     check = [_record("mine", "cifar10", "resnet20", "metaperturb", 0, 0.6)]
     results = {"grid.jsonl": grid, "check.jsonl": check}
     built = build_model_card({"steps": 3, "final_metrics": {"valid_loss": 1.23456}}, results, model_name="me/phi",
@@ -124,11 +126,14 @@ def test_card_parses_back_with_the_numbers_of_the_benchmark_table(tmp_path):
                                 ("cub", "conv4", "metaperturb [mine]", 32.67),
                                 ("cub", "conv4", "metaperturb_single_pass [mine]", 25.0)]
     # Each file's benchmark table, restricted to the rows where this φ ran, is on the card as benchmark.py prints it.
-    shown = markdown_table([r for r in grid if r["arch"] == "conv4"])
+    shown = markdown_table([r for r in grid if r["arch"] == "conv4" and not r["source"].startswith("other")])
     assert shown in card.text and markdown_table(check) in card.text
     for *_, value in eval_cells(card):
         assert f"{value:.2f} ± " in shown or f"{value:.2f} (1)" in markdown_table(check)
     assert "nan" not in markdown_table(check)  # one seed has no interval
-    assert "| cub | resnet20 |" not in card.text and "[other]" not in card.text
+    assert "| cub | resnet20 |" not in card.text and "[other" not in card.text
+    # Beside it, this φ's gains over none paired by seed, at every strength it ran with.
+    assert "| cub | conv4 | metaperturb [mine] | +1.67 ± 2.31 | 2 of 3 |" in card.text
+    assert "| cub | conv4 | metaperturb [mine κ=0.5] | +4.00 (1 seed) | 1 of 1 |" in card.text
     assert "beats training without a regularizer in 1 of 1 settings" in card.text
     assert card_facts(card) == {"steps": "3", "final_metrics.valid_loss": "1.235"}
