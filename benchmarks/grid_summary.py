@@ -45,8 +45,9 @@ def gains_with_count(gains: list[float]) -> str:
 def gain_table(records: list[dict]) -> str:
     cells = paired_gains(records, lambda record: record["method"] == "metaperturb")
     lines = ["| target | network | φ | MC-10 − none (points, mean ± std) | seeds with a gain |", "|---|---|---|---|---|"]
-    for (target, arch, column), gains in sorted(cells.items()):
-        source = column.removeprefix("metaperturb [").removesuffix("]")
+    rows = sorted((target, arch, column.removeprefix("metaperturb [").removesuffix("]"), gains)
+                  for (target, arch, column), gains in cells.items())
+    for target, arch, source, gains in rows:
         lines.append(f"| {target} | {arch} | {source} | {mean_std(gains)} | {sum(g > 0 for g in gains)} of {len(gains)} |")
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from metaperturb_hf import PerturbationConfig
+from metaperturb_hf.results import markdown_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -30,10 +31,26 @@ def test_usage_example_runs(official_checkpoint, tmp_path, monkeypatch):
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-def test_the_results_headline_is_what_grid_summary_makes_of_the_committed_records():
+def grid_summary_and_records(name: str):
     spec = importlib.util.spec_from_file_location("grid_summary", README.parent / "benchmarks" / "grid_summary.py")
     grid_summary = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(grid_summary)
-    records = grid_summary.load_records(README.parent / "benchmarks" / "results" / "grid_1500.jsonl")
+    return grid_summary, grid_summary.load_records(README.parent / "benchmarks" / "results" / f"{name}.jsonl")
+
+
+def test_the_results_headline_is_what_grid_summary_makes_of_the_committed_records():
+    grid_summary, records = grid_summary_and_records("grid_1500")
     results = README.read_text().split("## Results", 1)[1].split("\n## ", 1)[0]
     assert grid_summary.headline_table(records) in results, "README is stale: python benchmarks/grid_summary.py ..."
+
+
+def test_the_tables_of_docs_results_are_those_of_the_committed_records():
+    text = (README.parent / "docs" / "results.md").read_text()
+    grid_summary, records = grid_summary_and_records("grid_1500")
+    tables = {"transfer_grid.py --report": markdown_table(records)}
+    tables |= {f"grid_summary.py's {f.__name__}": f(records) for f in (grid_summary.gain_table,
+               grid_summary.single_pass_table, grid_summary.regularizer_table, grid_summary.placement_table)}
+    grid_summary, records = grid_summary_and_records("single_pass_1500")
+    tables["single_pass_1500's single_pass_table"] = grid_summary.single_pass_table(records)
+    stale = [name for name, table in tables.items() if table not in text]
+    assert not stale, f"docs/results.md is stale, regenerate: {stale}"
