@@ -27,7 +27,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from metaperturb_hf.results import accuracy_cells, column_name, load_records, mean_std, paired_gains
+from metaperturb_hf.results import accuracy_cells, column_name, load_records, mean_std, paired_gains, seeds_with_gain
 
 
 def by_run(records: list[dict]) -> dict[tuple, dict[str, dict]]:
@@ -38,17 +38,13 @@ def by_run(records: list[dict]) -> dict[tuple, dict[str, dict]]:
     return runs
 
 
-def gains_with_count(gains: list[float]) -> str:
-    return f"{mean_std(gains)}, {sum(g > 0 for g in gains)} of {len(gains)}"
-
-
 def gain_table(records: list[dict]) -> str:
     cells = paired_gains(records, lambda record: record["method"] == "metaperturb")
     lines = ["| target | network | φ | MC-10 − none (points, mean ± std) | seeds with a gain |", "|---|---|---|---|---|"]
     rows = sorted((target, arch, column.removeprefix("metaperturb [").removesuffix("]"), gains)
                   for (target, arch, column), gains in cells.items())
     for target, arch, source, gains in rows:
-        lines.append(f"| {target} | {arch} | {source} | {mean_std(gains)} | {sum(g > 0 for g in gains)} of {len(gains)} |")
+        lines.append(f"| {target} | {arch} | {source} | {mean_std(gains)} | {seeds_with_gain(gains)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,7 +165,7 @@ def headline_table(records: list[dict]) -> str:
         values = none[(target, arch, "none")]
         gains = [cells.get((target, arch, column)) for column in columns]
         lines.append(f"| {target} | {arch} | {mean_with_seeds(values)} | "
-                     + " | ".join(gains_with_count(g) if g else "–" for g in gains) + " |")
+                     + " | ".join(f"{mean_std(g)}, {seeds_with_gain(g)}" if g else "–" for g in gains) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +176,7 @@ def calibration_table(records: list[dict]) -> str:
     for record in records:
         if record["method"] == "none" or is_default_setting(record):
             cells[(record["target"], record["arch"], column_name(record))].append(record["ece"])
-    columns = ["none", *setting_columns({key: v for key, v in cells.items() if key[2] != "none"})]
+    columns = ["none", *(column for column in setting_columns(cells) if column != "none")]
     lines = ["| " + " | ".join(["target", "network", *columns]) + " |", "|---|---|" + "---|" * len(columns)]
     for target, arch in sorted({(t, a) for t, a, c in cells if c != "none" and (t, a, "none") in cells}):
         means = {c: statistics.mean(cells[(target, arch, c)]) for c in columns if (target, arch, c) in cells}
@@ -191,8 +187,9 @@ def calibration_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def gain_chart(records: list[dict], path: Path) -> None:
-    """One panel per (target, network): each default setting's gain over none, every seed a dot, the mean a bar."""
+def gain_chart(records: list[dict], path: Path) -> list[str]:
+    """One panel per (target, network): each default setting's gain over none, every seed a dot, the mean a bar.
+    Returns the panels' titles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,6 +219,7 @@ def gain_chart(records: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return [f"{target}, {arch}" for target, arch in panels]
 
 
 def main():

@@ -19,6 +19,7 @@ case "${TIER:-a}" in
   *) echo "TIER must be a, b or c, got '$TIER'" >&2; exit 2 ;;
 esac
 CLAIMS=$(mktemp -d)  # fresh each time: a claim left by a killed worker must not hold its run back next time
+trap 'rm -rf "$CLAIMS"' EXIT
 for worker in 0 1; do
   OMP_NUM_THREADS=1 python benchmarks/transfer_grid.py --name grid_1500 \
     --targets "cub=$DATA/cub200_2011_first50_32,cifar10=$DATA/cifar10_32:50,omniglot=$DATA/omniglot_bg_small_32" \

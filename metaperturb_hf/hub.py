@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
 
 from .meta_training_record import META_TRAINING_FILE, read_record
-from .results import accuracy_cells, markdown_table, mean_std, paired_gains
+from .results import accuracy_cells, markdown_table, mean_std, paired_gains, seeds_with_gain
 
 LIBRARY_NAME = "metaperturb-hf"
 TAGS = ["metaperturb", "meta-learning", "regularization", "image-classification"]
@@ -151,7 +151,7 @@ def _gain_table(records: list[dict]) -> str:
         return ""
     lines = ["Test accuracy minus none's on the same seed (points, mean ± std over seeds):", "",
              "| target | network | setting | MC − none | seeds with a gain |", "|---|---|---|---|---|"]
-    lines += [f"| {target} | {arch} | {column} | {mean_std(values)} | {sum(v > 0 for v in values)} of {len(values)} |"
+    lines += [f"| {target} | {arch} | {column} | {mean_std(values)} | {seeds_with_gain(values)} |"
               for (target, arch, column), values in sorted(gains.items())]
     return "\n".join(lines) + "\n"
 

@@ -104,3 +104,8 @@ def mean_std(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:+.2f} (1 seed)" if values else "–"
     return f"{statistics.mean(values):+.2f} ± {statistics.stdev(values):.2f}"
+
+
+def seeds_with_gain(values: list[float]) -> str:
+    """How many of the paired gains are positive, as "2 of 3"."""
+    return f"{sum(value > 0 for value in values)} of {len(values)}"

@@ -85,7 +85,8 @@ def test_the_headline_pairs_every_default_setting_with_none_and_leaves_chosen_se
 def test_the_gain_chart_is_drawn_with_a_panel_per_cell(tmp_path):
     records = [record("none", 0, 0.30), record("metaperturb", 0, 0.33, "phi"), record("dropout", 0, 0.28),
                {**record("none", 0, 0.60), "target": "omniglot"}, {**record("dropout", 0, 0.50), "target": "omniglot"}]
-    grid_summary.gain_chart(records, tmp_path / "gains.png")
+    panels = grid_summary.gain_chart(records, tmp_path / "gains.png")
+    assert panels == ["cub, conv4", "omniglot, conv4"]
     assert (tmp_path / "gains.png").read_bytes().startswith(b"\x89PNG")
 
 
