@@ -1,13 +1,14 @@
-"""The README's usage example runs as written (with the authors' checkpoint from ../shared)."""
+"""The README's usage example runs as written (with the authors' checkpoint from ../shared), and its tables and those
+of docs/ are what the committed records make."""
 
 import importlib.util
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from metaperturb_hf import PerturbationConfig
-from metaperturb_hf.results import markdown_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -31,26 +32,33 @@ def test_usage_example_runs(official_checkpoint, tmp_path, monkeypatch):
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-def grid_summary_and_records(name: str):
-    spec = importlib.util.spec_from_file_location("grid_summary", README.parent / "benchmarks" / "grid_summary.py")
-    grid_summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid_summary)
-    return grid_summary, grid_summary.load_records(README.parent / "benchmarks" / "results" / f"{name}.jsonl")
+def load_refresh_docs():
+    spec = importlib.util.spec_from_file_location("refresh_docs", README.parent / "scripts" / "refresh_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_the_results_headline_is_what_grid_summary_makes_of_the_committed_records():
-    grid_summary, records = grid_summary_and_records("grid_1500")
-    results = README.read_text().split("## Results", 1)[1].split("\n## ", 1)[0]
-    assert grid_summary.headline_table(records) in results, "README is stale: python benchmarks/grid_summary.py ..."
+def test_the_tables_made_from_records_are_generated_blocks_and_none_is_stale():
+    refresh_docs = load_refresh_docs()
+    present = {(path.name, *block) for path in refresh_docs.DOCUMENTS for block in refresh_docs.blocks(path.read_text())}
+    wanted = {("README.md", "grid_1500", "headline_table")} | {
+        ("results.md", "grid_1500", name)
+        for name in ("markdown_table", "gain_table", "single_pass_table", "regularizer_table", "placement_table")
+    } | {("results.md", "single_pass_1500", "single_pass_table"), ("results.md", "tin_transfer", "markdown_table")}
+    assert wanted <= present, f"generated blocks missing: {wanted - present}"
+    assert refresh_docs.stale_blocks() == [], "docs are stale: python scripts/refresh_docs.py"
 
 
-def test_the_tables_of_docs_results_are_those_of_the_committed_records():
-    text = (README.parent / "docs" / "results.md").read_text()
-    grid_summary, records = grid_summary_and_records("grid_1500")
-    tables = {"transfer_grid.py --report": markdown_table(records)}
-    tables |= {f"grid_summary.py's {f.__name__}": f(records) for f in (grid_summary.gain_table,
-               grid_summary.single_pass_table, grid_summary.regularizer_table, grid_summary.placement_table)}
-    grid_summary, records = grid_summary_and_records("single_pass_1500")
-    tables["single_pass_1500's single_pass_table"] = grid_summary.single_pass_table(records)
-    stale = [name for name, table in tables.items() if table not in text]
-    assert not stale, f"docs/results.md is stale, regenerate: {stale}"
+def test_refresh_rewrites_a_stale_block_and_names_an_unknown_table(tmp_path):
+    refresh_docs = load_refresh_docs()
+    makers = {"count": lambda records: f"{len(records)} records\n"}
+    stale = "before\n<!-- generated: grid_1500 count -->\nold\n<!-- end generated -->\nafter\n"
+    fresh = refresh_docs.refreshed(stale, makers)
+    records = len(refresh_docs.load_records(refresh_docs.RESULTS / "grid_1500.jsonl"))
+    assert fresh == f"before\n<!-- generated: grid_1500 count -->\n\n{records} records\n\n<!-- end generated -->\nafter\n"
+    assert refresh_docs.refreshed(fresh, makers) == fresh
+    with pytest.raises(ValueError, match="unknown table 'nope'"):
+        refresh_docs.refreshed(stale.replace("count", "nope"), makers)
+    with pytest.raises(FileNotFoundError, match="no_such_grid"):
+        refresh_docs.refreshed(stale.replace("grid_1500", "no_such_grid"), makers)
