@@ -9,10 +9,11 @@ from transformers import AutoConfig, AutoModel
 from ._version import __version__
 from .configuration_metaperturb import MetaPerturbConfig
 from .convert import convert_official_checkpoint, convert_official_classifier
-from .injection import PerturbedModel, Site, add_perturbation, find_sites
+from .injection import PerturbedModel, add_perturbation
 from .loading import load_perturbation
 from .modeling_metaperturb import MetaPerturbModel, NonFiniteFeaturesError
 from .perturbation_config import PerturbationConfig
+from .sites import Site, find_sites
 
 AutoConfig.register(MetaPerturbConfig.model_type, MetaPerturbConfig, exist_ok=True)
 AutoModel.register(MetaPerturbConfig, MetaPerturbModel, exist_ok=True)

@@ -57,3 +57,23 @@ def classifier_logits(model: nn.Module, images: torch.Tensor, input_name: str | 
     """Run `model` on a batch of images and return its logits."""
     input_name = input_name_for(model, input_name)
     return logits_of(model(**{input_name: images}) if input_name else model(images))
+
+
+def model_inputs(batch, device) -> tuple[tuple, dict]:
+    """Positional and keyword inputs for one calibration batch, on `device`."""
+    if isinstance(batch, dict):
+        return (), {k: _to(v, device) for k, v in batch.items() if k not in ("labels", "label")}
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("A calibration batch is an empty tuple or list; expected (images, labels, ...).")
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(
+            f"A calibration batch must be an image tensor, an (images, labels, ...) tuple or a dict of model inputs, "
+            f"got {type(batch).__name__}."
+        )
+    return (_to(batch, device),), {}
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value

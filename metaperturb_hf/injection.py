@@ -1,51 +1,34 @@
-"""Finding the sites of a classifier and plugging one shared perturbation function into them.
-
-A *site* is a tensor in the forward pass that the perturbation multiplies (docs/sites.md):
-
-- plain networks (conv → norm → activation, MLPs): the input of every activation;
-- residual networks: the tensor right after each block's residual addition (the input of the block's final
-  activation when the block ends with one, as in ResNet; the block's output when it does not, as in ConvNeXt or
-  pre-activation WRNs). Activations inside blocks and in the stem are not sites.
-
-Sites are found from one probe forward pass, so they work with any module tree (the reference networks,
-`transformers` CNNs, torchvision/timm ResNets, MLPs) without knowing its classes; a `PerturbationConfig` says which
-of them to take. A perturbation is attached with forward hooks: the wrapped model's module tree and its state-dict
-keys stay untouched, and `unwrap()` removes it.
+"""Plugging one shared perturbation function φ into a classifier's sites (as PEFT's `get_peft_model` plugs in an
+adapter): `add_perturbation` and the `PerturbedModel` it returns, which trains, predicts (MC or a single pass),
+saves and loads like a PEFT model. Where φ goes is `sites`; how it is attached, `site_wrapper`.
 """
 
 import json
-import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
-from itertools import chain, islice
+from dataclasses import asdict, replace
+from itertools import islice
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .classifier_io import eval_mode, logits_of, repeat_chunks
+from .classifier_io import eval_mode, logits_of, model_inputs, repeat_chunks
 from .classifier_saving import load_classifier, save_classifier
 from .hub import local_folder, upload_files
 from .loading import load_perturbation
 from .modeling_metaperturb import MetaPerturbModel, NonFiniteFeaturesError
 from .moment_matching import match_single_pass_statistics
 from .perturbation_config import PerturbationConfig
-
-# Modules treated as activations. transformers wraps its own (GELUActivation, ...) in `transformers.activations`.
-ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish)
-# A module with one of these children is a residual block (ours, torchvision, timm, transformers ResNet/RegNet/ConvNeXt).
-RESIDUAL_MARKERS = ("shortcut", "downsample", "drop_path")
-# Activations inside gating branches (squeeze-excitation, attention) act on pooled vectors, not on features.
-GATING_MODULE_PATTERN = re.compile(r"SqueezeExcit|SELayer|SEModule|SEBlock|Attention")
+from .single_pass_statistics import RUNNING_STATISTICS, SinglePassStatistics, running_norms
+from .site_wrapper import SiteWrapper, refuse_wrapped, resolve_sites
+from .sites import Site, unique_keys
 
 SITES_CONFIG_NAME = "perturbation_sites.json"
 SITES_WEIGHTS_NAME = "perturbation_sites.safetensors"
 SINGLE_PASS_WEIGHTS_NAME = "single_pass_statistics.safetensors"
-# The buffers of a norm layer that the single-pass mode keeps its own copy of.
-RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 # The blends of statistics from training (0) and re-estimated under the single pass (1) that
 # `choose_single_pass_statistics` tries.
 SINGLE_PASS_BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -56,173 +39,6 @@ NOISE_COEFF_TOLERANCE = 1e-3
 PERTURBATION_FOLDER = "perturbation"
 
 
-@dataclass(frozen=True)
-class Site:
-    """Where one perturbation is applied: the input or output of the `call_index`-th call of `module_name`."""
-
-    name: str
-    module_name: str
-    position: str  # "input" of an activation or "output" of a block
-    call_index: int
-    channels: int
-    spatial_size: int
-
-
-def _is_activation(module: nn.Module) -> bool:
-    return isinstance(module, ACTIVATION_TYPES) or type(module).__module__ == "transformers.activations"
-
-
-def _residual_blocks(model: nn.Module) -> list[str]:
-    """Innermost modules that carry a residual marker (a stage that holds blocks is not itself a block)."""
-    marked = [
-        name
-        for name, module in model.named_modules()
-        if name and any(isinstance(getattr(module, marker, None), nn.Module) for marker in RESIDUAL_MARKERS)
-    ]
-    return [name for name in marked if not any(other.startswith(name + ".") for other in marked)]
-
-
-def _inside(name: str, ancestor: str) -> bool:
-    return name.startswith(ancestor + ".")
-
-
-@dataclass
-class _Call:
-    module_name: str
-    call_index: int
-    input: torch.Tensor | None
-    output: torch.Tensor | None
-
-
-def _trace_calls(model: nn.Module, example_inputs, module_names: set[str]) -> list[_Call]:
-    """Run one forward pass in eval mode and record, in order, every call of the named modules; afterwards every
-    submodule has its own train/eval flag back (`classifier_io.eval_mode`)."""
-    modules = dict(model.named_modules())
-    calls: list[_Call] = []
-    counts: dict[str, int] = {}
-
-    def recorder(name):
-        def hook(module, args, output):
-            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            calls.append(_Call(name, counts.get(name, 0), first, output if isinstance(output, torch.Tensor) else None))
-            counts[name] = counts.get(name, 0) + 1
-
-        return hook
-
-    handles = [modules[name].register_forward_hook(recorder(name)) for name in module_names]
-    try:
-        with eval_mode(model), torch.no_grad():
-            _call_model(model, example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
-
-
-def _call_model(model: nn.Module, inputs):
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
-
-
-def _site_from_call(name: str, call: _Call, position: str) -> Site | None:
-    tensor = call.input if position == "input" else call.output
-    if tensor is None or tensor.dim() not in (2, 4):
-        return None
-    spatial = tensor.shape[2] if tensor.dim() == 4 else 1
-    return Site(name, call.module_name, position, call.call_index, tensor.shape[1], spatial)
-
-
-def find_sites(model: nn.Module, example_inputs) -> list[Site]:
-    """All sites of `model` by the rules of docs/sites.md, in forward order."""
-    modules = dict(model.named_modules())
-    blocks = _residual_blocks(model)
-    activations = {
-        name
-        for name, module in modules.items()
-        if _is_activation(module)
-        and not any(GATING_MODULE_PATTERN.search(type(modules[a]).__name__) for a in _ancestors(name))
-    }
-    calls = _trace_calls(model, example_inputs, activations | set(blocks))
-    calls_per_module = {}
-    for call in calls:
-        calls_per_module[call.module_name] = calls_per_module.get(call.module_name, 0) + 1
-
-    sites = []
-    if blocks:
-        for index, call in enumerate(calls):
-            if call.module_name not in blocks:
-                continue
-            inner = [c for c in calls[:index] if _inside(c.module_name, call.module_name) and c.output is not None]
-            last = inner[-1] if inner and inner[-1].module_name in activations else None
-            if last is not None and last.output is call.output:
-                site = _site_from_call(call.module_name, last, "input")
-            else:
-                site = _site_from_call(call.module_name, call, "output")
-            sites.append(site)
-    else:
-        for call in calls:
-            name = call.module_name
-            if calls_per_module[name] > 1:
-                name = f"{name}#{call.call_index}"
-            sites.append(_site_from_call(name, call, "input"))
-    return [site for site in sites if site is not None]
-
-
-def _ancestors(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
-
-
-def _select(sites: list[Site], config: PerturbationConfig) -> list[Site]:
-    """Keep all sites, the bottom/top `num_sites`, or `num_sites` at each end ("top_bottom")."""
-    count = config.num_sites
-    if config.select == "all":
-        return list(sites)
-    if config.select == "bottom":
-        return sites[:count]
-    if config.select == "top":
-        return sites[-count:]
-    keep = set(range(count)) | set(range(len(sites) - count, len(sites)))
-    return [site for index, site in enumerate(sites) if index in keep]
-
-
-def _match_sites(model: nn.Module, example_inputs, candidates: list[Site], sites) -> list[Site]:
-    """Resolve a regex or a list of names against the detected sites, else against module outputs."""
-    if isinstance(sites, str):
-        pattern = re.compile(sites)
-        chosen = [site for site in candidates if pattern.fullmatch(site.name)]
-        if not chosen:
-            names = [name for name, _ in model.named_modules() if name and pattern.fullmatch(name)]
-            chosen = _output_sites(model, example_inputs, names)
-    else:
-        by_name = {site.name: site for site in candidates}
-        others = [name for name in sites if name not in by_name]
-        outputs = {site.name: site for site in _output_sites(model, example_inputs, others)}
-        chosen = [by_name.get(name) or outputs[name] for name in sites]
-    return chosen
-
-
-def _output_sites(model: nn.Module, example_inputs, names: list[str]) -> list[Site]:
-    """Sites at the outputs of explicitly named modules."""
-    modules = dict(model.named_modules())
-    unknown = [name for name in names if name not in modules]
-    if unknown:
-        raise ValueError(
-            f"No site or module named {unknown} in {type(model).__name__}; "
-            "see `find_sites(model, example_inputs)` or `model.named_modules()` for valid names."
-        )
-    calls = _trace_calls(model, example_inputs, set(names))
-    sites = []
-    for call in calls:
-        site = _site_from_call(call.module_name, call, "output")
-        if site is None:
-            raise ValueError(
-                f"Module '{call.module_name}' does not output a (B, C, H, W) or (B, C) tensor and cannot be a site."
-            )
-        if call.call_index == 0:
-            sites.append(site)
-    return sites
-
-
 class SiteStatistics(nn.Module):
     """Running mean and variance of one site's channel statistics; they belong to the target model."""
 
@@ -230,126 +46,6 @@ class SiteStatistics(nn.Module):
         super().__init__()
         self.register_buffer("running_mean", torch.zeros(channels, num_stat_filters))
         self.register_buffer("running_var", torch.ones(channels, num_stat_filters))
-
-
-class _ModuleSitesHook:
-    """One hook per (module, position): counts that module's calls once per forward and handles the calls that are sites.
-
-    One counter per module matters when a module holds several sites (a shared ReLU called twice): a hook per site
-    would advance the count once per site and call. A class rather than a closure, so wrappers deep-copy and pickle.
-    """
-
-    def __init__(self, owner: "SiteWrapper", module_name: str, position: str):
-        self.owner, self.slot = owner, (module_name, position)
-        self.sites: dict[int, tuple[Site, str]] = {}
-
-    def _site_of_this_call(self):
-        counts = self.owner._call_counts
-        index = counts.get(self.slot, 0)
-        counts[self.slot] = index + 1
-        return self.sites.get(index)
-
-    def before(self, module, args):
-        hit = self._site_of_this_call()
-        if hit is None:
-            return None
-        return (self.owner._perturb(*hit, args[0]),) + tuple(args[1:])
-
-    def after(self, module, args, output):
-        hit = self._site_of_this_call()
-        return None if hit is None else self.owner._perturb(*hit, output)
-
-
-class _ResetCallCounts:
-    """Forward pre-hook on the wrapped model's root: a new forward starts counting calls from zero."""
-
-    def __init__(self, owner: "SiteWrapper"):
-        self.owner = owner
-
-    def __call__(self, module, args, kwargs=None):
-        self.owner._call_counts.clear()
-
-
-def is_wrapped(model: nn.Module) -> bool:
-    """Whether a perturbation or regularizer is attached to `model` (its root carries our reset hook)."""
-    return any(isinstance(hook, _ResetCallCounts) for hook in model._forward_pre_hooks.values())
-
-
-class SiteWrapper(nn.Module):
-    """Hooks a classifier at its sites and hands every site tensor to `_perturb`; the tree and keys stay untouched.
-
-    State-dict keys: `model.*` (the wrapped model's, unchanged) plus whatever a subclass registers.
-    """
-
-    def __init__(self, model: nn.Module, sites: Sequence[Site]):
-        super().__init__()
-        self.model = model
-        self.sites = list(sites)
-        self.site_keys = _unique_keys([site.name for site in self.sites])
-        self._call_counts: dict = {}
-        self._handles = [model.register_forward_pre_hook(_ResetCallCounts(self))]
-        self._unwrapped = False
-        modules = dict(model.named_modules())
-        hooks: dict[tuple[str, str], _ModuleSitesHook] = {}
-        for site, key in zip(self.sites, self.site_keys):
-            slot = (site.module_name, site.position)
-            if slot not in hooks:
-                hooks[slot] = hook = _ModuleSitesHook(self, *slot)
-                module = modules[site.module_name]
-                register = module.register_forward_pre_hook if site.position == "input" else module.register_forward_hook
-                self._handles.append(register(hook.before if site.position == "input" else hook.after))
-            hooks[slot].sites[site.call_index] = (site, key)
-
-    def forward(self, *args, **kwargs):
-        if self._unwrapped:  # a flag, not the handles: torch.compile cannot trace a list of hook handles
-            raise RuntimeError(f"This {type(self).__name__} was unwrapped; use the model that unwrap() returned.")
-        return self.model(*args, **kwargs)
-
-    def _perturb(self, site: Site, key: str, hidden_states: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def unwrap(self) -> nn.Module:
-        """Remove the hooks and return the original model (same keys, same outputs)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._unwrapped = True
-        return self.model
-
-
-def _running_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The norm layers of `model` that normalise with running statistics in evaluation (BatchNorm and the like)."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._NormBase)
-        and module.track_running_stats
-        and module.running_mean is not None
-    ]
-
-
-class SinglePassStatistics(nn.Module):
-    """The classifier's norm statistics as re-estimated under the single pass, and the κ they were estimated at.
-
-    Keys: `noise_coeff` and `norms.<norm layer>.{running_mean, running_var, num_batches_tracked}`.
-    """
-
-    def __init__(self, norms: list[tuple[str, nn.Module]], noise_coeff: float):
-        super().__init__()
-        self.register_buffer("noise_coeff", torch.tensor(float(noise_coeff), dtype=torch.float64))
-        self.kappa = float(noise_coeff)  # a Python copy: reading the buffer on a GPU would synchronise every forward
-        self.register_load_state_dict_post_hook(_remember_kappa)
-        self.norms = nn.ModuleDict()
-        for key, (_, norm) in zip(_unique_keys([name for name, _ in norms]), norms):
-            statistics = nn.Module()
-            for name in RUNNING_STATISTICS:
-                statistics.register_buffer(name, torch.zeros_like(getattr(norm, name)))
-            statistics.running_var.fill_(1.0)  # reset_running_stats' starting point
-            self.norms[key] = statistics
-
-
-def _remember_kappa(store: SinglePassStatistics, incompatible_keys) -> None:
-    store.kappa = float(store.noise_coeff)
 
 
 class PerturbedModel(SiteWrapper):
@@ -417,8 +113,8 @@ class PerturbedModel(SiteWrapper):
     @contextmanager
     def _norm_statistics(self, store: SinglePassStatistics):
         """Let the classifier's norm layers read and update `store`'s buffers for the duration; then their own again."""
-        norms = _running_norms(self.model)
-        keys = _unique_keys([name for name, _ in norms])
+        norms = running_norms(self.model)
+        keys = unique_keys([name for name, _ in norms])
         if list(store.norms) != keys:
             raise RuntimeError(
                 f"The single-pass statistics are for the norm layers {list(store.norms)}, but the classifier now has "
@@ -458,7 +154,7 @@ class PerturbedModel(SiteWrapper):
         if num_batches is not None and (isinstance(num_batches, bool) or int(num_batches) != num_batches
                                         or num_batches < 1):
             raise ValueError(f"num_batches must be an integer >= 1 or None (all batches), got {num_batches!r}.")
-        norms = _running_norms(self.model)
+        norms = running_norms(self.model)
         if not norms:
             raise ValueError(
                 f"{type(self.model).__name__} has no BatchNorm layer with running statistics: its single pass uses "
@@ -477,7 +173,7 @@ class PerturbedModel(SiteWrapper):
                 for batch in batches:
                     if num_batches is not None and used >= num_batches:
                         break
-                    args, kwargs = _model_inputs(batch, norms[0][1].running_mean.device)
+                    args, kwargs = model_inputs(batch, norms[0][1].running_mean.device)
                     super().forward(*args, **kwargs)
                     used += 1
         finally:
@@ -499,7 +195,7 @@ class PerturbedModel(SiteWrapper):
             return None
         if weight == 1.0:
             return calibrated
-        norms = _running_norms(self.model)
+        norms = running_norms(self.model)
         blend = SinglePassStatistics(norms, calibrated.kappa).to(calibrated.noise_coeff.device)
         for (_, norm), own, mixed in zip(norms, calibrated.norms.values(), blend.norms.values(), strict=True):
             for name in ("running_mean", "running_var"):
@@ -562,7 +258,7 @@ class PerturbedModel(SiteWrapper):
         try:
             with eval_mode(self):
                 for batch in batches:
-                    args, kwargs = _model_inputs(batch, device)
+                    args, kwargs = model_inputs(batch, device)
                     self.noise_mode = "sample"
                     reference = self.predict_proba(*args, num_samples=num_samples, **kwargs).argmax(-1)
                     self.noise_mode = "mean"
@@ -600,7 +296,7 @@ class PerturbedModel(SiteWrapper):
         if self.single_pass_statistics is None and any(
             key.startswith(prefix + "single_pass_statistics.") for key in state_dict
         ):
-            self.single_pass_statistics = SinglePassStatistics(_running_norms(self.model), self.noise_coeff)
+            self.single_pass_statistics = SinglePassStatistics(running_norms(self.model), self.noise_coeff)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _perturb(self, site: Site, key: str, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -715,7 +411,7 @@ class PerturbedModel(SiteWrapper):
         if not layout_file.is_file():
             raise FileNotFoundError(f"{layout_file} not found: {directory} was not written by PerturbedModel.save_pretrained.")
         if model is not None:
-            _refuse_wrapped(model)
+            refuse_wrapped(model)
         config = PerturbationConfig.from_pretrained(directory)
         classifier = load_classifier(directory, model)
         perturbation = load_perturbation(directory / PERTURBATION_FOLDER).requires_grad_(False)
@@ -725,85 +421,10 @@ class PerturbedModel(SiteWrapper):
         single_pass_file = directory / SINGLE_PASS_WEIGHTS_NAME
         if single_pass_file.is_file():
             state = load_file(single_pass_file)
-            store = SinglePassStatistics(_running_norms(classifier), float(state["noise_coeff"]))
+            store = SinglePassStatistics(running_norms(classifier), float(state["noise_coeff"]))
             store.load_state_dict(state)
             perturbed.single_pass_statistics = store
         return perturbed.eval()
-
-
-def _model_inputs(batch, device) -> tuple[tuple, dict]:
-    """Positional and keyword inputs for one calibration batch, on `device`."""
-    if isinstance(batch, dict):
-        return (), {k: _to(v, device) for k, v in batch.items() if k not in ("labels", "label")}
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("A calibration batch is an empty tuple or list; expected (images, labels, ...).")
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(
-            f"A calibration batch must be an image tensor, an (images, labels, ...) tuple or a dict of model inputs, "
-            f"got {type(batch).__name__}."
-        )
-    return (_to(batch, device),), {}
-
-
-def _to(value, device):
-    return value.to(device) if isinstance(value, torch.Tensor) else value
-
-
-def _unique_keys(names: list[str]) -> list[str]:
-    """ModuleDict keys cannot hold dots: 'layer1.0' -> 'layer1_0', made unique if two names collide."""
-    keys = []
-    for name in names:
-        key = re.sub(r"[^0-9A-Za-z_]", "_", name)
-        while key in keys:
-            key += "_"
-        keys.append(key)
-    return keys
-
-
-def default_example_inputs(model: nn.Module, input_size: Sequence[int] | None = None) -> torch.Tensor:
-    """A batch of two random images for the probe pass, in the dtype and on the device of the model's weights (a
-    float64 or bfloat16 network refuses float32 inputs); channels from a transformers config when there is one."""
-    if input_size is None:
-        channels = getattr(getattr(model, "config", None), "num_channels", 3)
-        input_size = (channels, 32, 32)
-    weights = (tensor for tensor in chain(model.parameters(), model.buffers()) if tensor.is_floating_point())
-    reference = next(weights, torch.empty(0))
-    return torch.randn(2, *input_size, dtype=reference.dtype, device=reference.device)
-
-
-def _refuse_wrapped(model: nn.Module) -> None:
-    if is_wrapped(model):
-        raise ValueError(
-            f"This {type(model).__name__} already carries a perturbation or regularizer; call unwrap() on it first."
-        )
-
-
-def resolve_sites(
-    model: nn.Module,
-    config: PerturbationConfig,
-    *,
-    example_inputs=None,
-    input_size: Sequence[int] | None = None,
-) -> list[Site]:
-    """The sites a wrapper attaches to by `config`: detected, matched by name or pattern, then selected."""
-    _refuse_wrapped(model)
-    if example_inputs is None:
-        example_inputs = default_example_inputs(model, input_size)
-    detected = find_sites(model, example_inputs)
-    if config.sites == "auto":
-        if not detected:
-            raise ValueError(
-                f"No perturbation site found in {type(model).__name__}: it has no activation modules (nn.ReLU, ...) "
-                "and no residual blocks. Pass sites=[...] with the names of modules whose outputs to perturb."
-            )
-        chosen = detected
-    else:
-        chosen = _match_sites(model, example_inputs, detected, config.sites)
-        if not chosen:
-            raise ValueError(f"sites={config.sites!r} matched no site or module of {type(model).__name__}.")
-    return _select(chosen, config)
 
 
 def add_perturbation(

@@ -14,9 +14,10 @@ from torch import nn
 from .architectures import create_model
 from .data import ImageTensors
 from .evaluation import evaluate, normalized_batches
-from .injection import MATCHED, PerturbedModel, SiteWrapper, add_perturbation
+from .injection import MATCHED, PerturbedModel, add_perturbation
 from .modeling_metaperturb import MetaPerturbModel, NonFiniteFeaturesError
 from .regularizers import REGULARIZERS, add_regularizer
+from .site_wrapper import SiteWrapper
 from .transfer import TransferConfig, train_classifier
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,9 @@ from itertools import islice
 import torch
 from torch import nn
 
-from .classifier_io import eval_mode
+from .classifier_io import eval_mode, model_inputs
+from .single_pass_statistics import SinglePassStatistics, running_norms
+from .sites import unique_keys
 
 # The debiased variance of the noise-averaged features is kept at least this fraction of their raw variance, so
 # that a channel whose spread is mostly noise gets a small, positive target rather than a negative one.
@@ -112,14 +114,12 @@ def _matched_statistics(mean_sp, variance_sp, eps: float, r: torch.Tensor, d: to
 
 def _moments_over(model, norms, keys, batches, device, passes: int, hooks=()) -> _DrawAveragedMoments:
     """Run `passes` forwards per batch (the model as it is set) and gather the norms' input moments."""
-    from .injection import _model_inputs  # injection imports this module
-
     moments = _DrawAveragedMoments(passes)
     handles = [norm.register_forward_pre_hook(moments.record(key)) for key, (_, norm) in zip(keys, norms)]
     handles += [norm.register_forward_hook(hook) for (_, norm), hook in zip(norms, hooks)]
     try:
         for batch in batches:
-            args, kwargs = _model_inputs(batch, device)
+            args, kwargs = model_inputs(batch, device)
             for _ in range(passes):
                 model.model(*args, **kwargs)
             moments.finish_batch()
@@ -139,8 +139,6 @@ def match_single_pass_statistics(model, batches: Iterable, num_samples: int = 10
     Two passes over the batches (training images, as for `calibrate_single_pass`; at most `num_batches`, held in
     memory): `num_samples` noise draws of each batch, then one single pass.
     """
-    from .injection import SinglePassStatistics, _running_norms, _unique_keys  # injection imports this module
-
     if model.single_pass_statistics is None:
         raise ValueError("match_single_pass_statistics needs a calibration: call calibrate_single_pass first.")
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 2:
@@ -148,8 +146,8 @@ def match_single_pass_statistics(model, batches: Iterable, num_samples: int = 10
     batches = list(islice(batches, num_batches))
     if not batches:
         raise ValueError("match_single_pass_statistics got no batches: the data loader or iterable is empty.")
-    norms = _running_norms(model.model)
-    keys = _unique_keys([name for name, _ in norms])
+    norms = running_norms(model.model)
+    keys = unique_keys([name for name, _ in norms])
     device = norms[0][1].running_mean.device
     store = SinglePassStatistics(norms, model.single_pass_statistics.kappa).to(device)
     mode, noise_coeff = model.noise_mode, model.noise_coeff

@@ -1,7 +1,7 @@
 """The paper's baseline regularizers, attached at the same sites as MetaPerturb so the comparison is fair.
 
 Each baseline wraps a classifier exactly like `PerturbedModel` does (forward hooks at the sites that
-`injection.find_sites` returns, docs/sites.md), so one transfer loop trains all of them:
+`sites.find_sites` returns, docs/sites.md), so one transfer loop trains all of them:
 
     reg = add_regularizer(model, "dropblock")
     optimizer = torch.optim.Adam([*model.parameters(), *reg.regularizer_parameters()], lr=1e-3)
@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classifier_io import classifier_logits, input_name_for
-from .injection import Site, SiteWrapper, resolve_sites
 from .perturbation_config import PLACEMENT_FIELDS, PerturbationConfig
 from .regularization_ops import drop_block_2d, information_dropout, information_dropout_kl, mixup
+from .site_wrapper import SiteWrapper, resolve_sites
+from .sites import Site
 
 __all__ = [
     "REGULARIZERS",

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_single_pass import trained_conv4
 
-from metaperturb_hf.injection import _running_norms
 from metaperturb_hf.moment_matching import match_single_pass_statistics
+from metaperturb_hf.single_pass_statistics import running_norms
 
 
 def one_batch(size: int = 64):
@@ -16,7 +16,7 @@ def one_batch(size: int = 64):
 
 def norm_outputs(model, x, passes: int) -> list[torch.Tensor]:
     """Every norm layer's output for `x`, averaged over `passes` forwards (noise draws, or one deterministic pass)."""
-    norms = [norm for _, norm in _running_norms(model.model)]
+    norms = [norm for _, norm in running_norms(model.model)]
     sums = [0.0] * len(norms)
 
     def hook(index):
@@ -71,7 +71,7 @@ def test_without_noise_the_matched_statistics_are_the_classifiers_own(perturbati
     model.calibrate_single_pass(one_batch())
     matched = match_single_pass_statistics(model, one_batch(), num_samples=3)
     assert matched.kappa == 0.0
-    for (_, norm), statistics in zip(_running_norms(model.model), matched.norms.values(), strict=True):
+    for (_, norm), statistics in zip(running_norms(model.model), matched.norms.values(), strict=True):
         torch.testing.assert_close(statistics.running_mean, norm.running_mean, rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(statistics.running_var, norm.running_var, rtol=1e-3, atol=1e-5)
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaperturb_hf.architectures import create_model
-from metaperturb_hf.injection import find_sites
 from metaperturb_hf.regularizers import REGULARIZERS, add_regularizer
+from metaperturb_hf.sites import find_sites
 
 NAMES = ["dropout", "dropblock", "manifold_mixup", "info_dropout"]
 NOISY = ["dropout", "dropblock", "info_dropout"]
