@@ -3,7 +3,7 @@
 # overhead benchmark on the GPU (SKIP_OVERHEAD=1 skips it). Each run in RUNS is ARCH:SEED:BUDGET_S; they share the
 # GPU (small-batch runs are launch-bound, so several slow each other little). Needs PACKED (benchmarks/pack_webp.py)
 # carried along; results go to $OUT as one archive per φ folder (weights, meta_training.json, metrics) and JSON lines.
-#   bash benchmarks/gpu_session.sh   # the session that made tin-conv4 / tin-resnet20 (150 images per class)
+#   bash benchmarks/gpu_session.sh   # Conv4 and ResNet-20 on the 150-per-class repack, as for tin-conv4 / tin-resnet20
 #   PACKED=.gpu/tin_full_train_q80.parquet SOURCE="tiny_imagenet_32_full (train split, WebP q80 repack)" \
 #     RUNS="resnet20:0:480 resnet20:1:480" SKIP_OVERHEAD=1 bash benchmarks/gpu_session.sh
 #     # a residual φ from the full protocol, two meta-training seeds (the paper keeps the best of 5); beside a

@@ -65,14 +65,17 @@ def refreshed(text: str, makers: dict) -> str:
     return BLOCK.sub(remake, text)
 
 
-def stale_blocks(documents=DOCUMENTS) -> list[str]:
-    """'file: records function' of every block whose text differs from what its records make now."""
+def stale_blocks(documents=DOCUMENTS, rewrite: bool = False) -> list[str]:
+    """'file: records function' of every block whose text differs from what its records make now; with `rewrite`,
+    those documents are written back with every block remade."""
     makers, stale = table_makers(), []
     for document in documents:
         text = document.read_text()
         fresh = refreshed(text, makers)
         old, new = BLOCK.findall(text), BLOCK.findall(fresh)
         stale += [f"{document.relative_to(ROOT)}: {a[1]} {a[2]}" for a, b in zip(old, new) if a[3] != b[3]]
+        if rewrite and fresh != text:
+            document.write_text(fresh)
     return stale
 
 
@@ -80,16 +83,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only list the stale blocks; exit 1 if there are any")
     args = parser.parse_args()
-    stale = stale_blocks()
+    stale = stale_blocks(rewrite=not args.check)
     for name in stale:
         print(f"stale: {name}")
     if args.check:
         return 1 if stale else 0
-    makers = table_makers()
-    for document in DOCUMENTS:
-        text = document.read_text()
-        if (fresh := refreshed(text, makers)) != text:
-            document.write_text(fresh)
     print(f"{len(stale)} block(s) rewritten" if stale else "every generated block is up to date")
     return 0
 
