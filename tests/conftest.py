@@ -54,27 +54,28 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def fused_kernel():
-    """Builds φ's fused CPU kernel once per session (or takes the cached build); skips where it cannot be built."""
-    from metaperturb_hf import kernels
+    """The kernel dispatch, with φ's fused CPU kernel built once per session (or the cached build taken); skips where it
+    cannot be built."""
+    from metaperturb_hf.kernels import dispatch
 
-    problem = kernels.availability()
+    problem = dispatch.availability()
     if problem is not None:
         pytest.skip(f"φ's fused CPU kernel is not usable here: it {problem}")
-    return kernels
+    return dispatch
 
 
 @pytest.fixture(scope="session")
 def triton_kernel():
-    """φ's Triton kernel, loaded and self-checked: on CUDA, or without a GPU on CPU tensors through Triton's
-    interpreter; skips where triton is not installed."""
+    """The kernel dispatch, with φ's Triton kernel loaded and self-checked: on CUDA, or without a GPU on CPU tensors
+    through Triton's interpreter; skips where triton is not installed."""
     pytest.importorskip("triton")
-    from metaperturb_hf import kernels
+    from metaperturb_hf.kernels import dispatch
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU, and Triton's interpreter is off (TRITON_INTERPRET)")
-    problem = kernels.availability("triton")
+    problem = dispatch.availability("triton")
     assert problem is None, f"φ's Triton kernel {problem}"
-    return kernels
+    return dispatch
 
 
 @pytest.fixture(params=["eager", "cpu", "triton"])

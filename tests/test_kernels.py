@@ -12,6 +12,7 @@ from torch import nn
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
 from metaperturb_hf.architectures import create_model
+from metaperturb_hf.kernels import loading
 from metaperturb_hf.modeling_metaperturb import NonFiniteFeaturesError
 
 pytestmark = pytest.mark.usefixtures("fused_kernel", "one_thread")
@@ -163,9 +164,7 @@ def test_broken_features_are_the_error_eager_raises():
 
 def normals(kernel, like, seed):
     """The noise that `kernel` draws for features like `like` from `seed` (a tensor on their device)."""
-    from metaperturb_hf import kernels
-
-    return kernels._extension(kernel).normals(like, seed)
+    return loading.extension(kernel).normals(like, seed)
 
 
 def check_standard_normal_draws(kernel, device="cpu"):
@@ -279,7 +278,7 @@ def test_kernel_choice_comes_from_the_call_the_model_or_the_environment(fused_ke
 
 
 def test_a_kernel_that_cannot_be_built_falls_back_with_one_log_line(fused_kernel, monkeypatch, caplog):
-    monkeypatch.setitem(fused_kernel._states, "cpu", {"error": "RuntimeError: no C++ compiler"})
+    monkeypatch.setitem(loading.states, "cpu", {"error": "RuntimeError: no C++ compiler"})
     phi = make_phi()
     h, noise, stats = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), (torch.zeros(3, 4), torch.ones(3, 4))
     with caplog.at_level(logging.WARNING, logger=fused_kernel.__name__):
@@ -298,14 +297,14 @@ def test_a_kernel_that_fails_its_self_check_is_not_used(fused_kernel, monkeypatc
             raise RuntimeError("boom")
         return reason
 
-    monkeypatch.setitem(fused_kernel._states, "cpu", {"module": fused_kernel._extension()})
+    monkeypatch.setitem(loading.states, "cpu", {"module": loading.extension()})
     monkeypatch.setattr(fused_kernel, "_compare_with_eager", check)
     assert fused_kernel.availability() == f"failed its self-check against eager ({reason})"
     assert fused_kernel.availability() == f"failed its self-check against eager ({reason})"  # settled, not retried
 
 
 def test_the_self_check_waits_for_a_call_outside_torch_func(fused_kernel, monkeypatch):
-    monkeypatch.setitem(fused_kernel._states, "cpu", {"module": fused_kernel._extension()})
+    monkeypatch.setitem(loading.states, "cpu", {"module": loading.extension()})
     phi = make_phi()
     h = torch.randn(2, 3, 4, 4)
     parameters = tuple(phi.parameters())
@@ -314,9 +313,9 @@ def test_the_self_check_waits_for_a_call_outside_torch_func(fused_kernel, monkey
     settings = _Settings(1.0, None, (0.5, 0.5), False, 8, True, 0.1, False, False)
     chosen = torch.func.grad(lambda x: (fused_kernel.select("auto", x, parameters, torch.zeros(3, 4), torch.ones(3, 4),
                                                             None, settings) is None) * x.sum())(h)
-    assert torch.equal(chosen, torch.ones_like(h)) and "checked" not in fused_kernel._states["cpu"]
+    assert torch.equal(chosen, torch.ones_like(h)) and "checked" not in loading.states["cpu"]
     assert fused_kernel.select("auto", h, parameters, torch.zeros(3, 4), torch.ones(3, 4), None, settings) is not None
-    assert fused_kernel._states["cpu"]["checked"] is True
+    assert loading.states["cpu"]["checked"] is True
 
 
 class NoisySite(nn.Module):

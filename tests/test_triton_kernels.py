@@ -33,7 +33,7 @@ from test_kernels import (  # noqa: E402
     make_phi,
 )
 
-from metaperturb_hf import kernels  # noqa: E402
+from metaperturb_hf.kernels import dispatch, loading  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -48,7 +48,7 @@ def triton_calls(triton_kernel):
     with pytest.MonkeyPatch.context() as patch:
         # eager's float32 convolutions must not round to TF32 on the GPU, or no comparison holds to 1e-5
         patch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        module = kernels._extension("triton")
+        module = loading.extension("triton")
         assert module.INTERPRETED != CUDA, "phi_triton was imported before TRITON_INTERPRET was set (or unset)"
         calls = collections.Counter()
         for name in ("forward", "backward"):
@@ -111,7 +111,7 @@ def test_torch_compile_traces_through_phi_and_matches_eager(ran_triton):
 def test_auto_takes_the_kernel_of_the_features_device(triton_calls, monkeypatch):
     """auto: Triton for CUDA features; for CPU features the CPU kernel (here one that failed to build: eager), even
     under the interpreter."""
-    monkeypatch.setitem(kernels._states, "cpu", {"error": "RuntimeError: not built in this test", "logged": True})
+    monkeypatch.setitem(loading.states, "cpu", {"error": "RuntimeError: not built in this test", "logged": True})
     phi = make_phi().to(DEVICE)
     for device in {"cpu", DEVICE}:
         triton_calls.clear()
@@ -163,12 +163,12 @@ def test_cuda_graph_captures_phi_and_replays_draw_new_noise():
 
 def test_a_capture_before_the_self_check_says_to_warm_up(monkeypatch):
     """The one-time self-check synchronises, so it cannot be the first call inside a CUDA-graph capture."""
-    monkeypatch.setitem(kernels._states, "triton", {"module": kernels._extension("triton")})  # not checked yet
-    monkeypatch.setattr(kernels, "unsupported", lambda *args: None)
+    monkeypatch.setitem(loading.states, "triton", {"module": loading.extension("triton")})  # not checked yet
+    monkeypatch.setattr(dispatch, "unsupported", lambda *args: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     features_on_cuda = types.SimpleNamespace(device=torch.device("cuda"))  # select reads only the device here
     with pytest.raises(RuntimeError, match="warm-up"):
-        kernels.select("auto", features_on_cuda, (), None, None, None, None)
+        dispatch.select("auto", features_on_cuda, (), None, None, None, None)
 
 
 _COMPILE_FOR_SM90 = r'''
