@@ -31,7 +31,7 @@ from .architectures import create_model, list_models
 from .configuration_metaperturb import MetaPerturbConfig
 from .data import BatchSampler
 from .injection import add_perturbation
-from .meta_training_record import build_record, write_record
+from .meta_training_record import build_record, read_record, write_record
 from .modeling_metaperturb import MetaPerturbModel
 from .tasks import Task
 from .tracking import JsonlTracker
@@ -388,7 +388,7 @@ class MetaTrainer:
             f"Meta-training φ on {self.num_tasks} tasks over {accelerator.num_processes} process(es) "
             f"({accelerator.distributed_type}, {accelerator.device}); architectures {config.architectures}."
         )
-        started = time.time()
+        started, first_step = time.time(), self.step
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         progress = tqdm(total=config.steps, initial=self.step, disable=not accelerator.is_main_process, desc="meta-training")
         try:
@@ -408,6 +408,8 @@ class MetaTrainer:
             progress.close()
         if self.interrupted:
             accelerator.print(f"Interrupted: checkpoint written at step {self.step}; rerun with --resume to continue.")
+        elif self.step == first_step and read_record(self.output_dir):  # resumed a finished run: keep its record
+            accelerator.print(f"Already finished at step {self.step}; {self.output_dir} is left as it was.")
         else:
             self._save_final(time.time() - started)
         accelerator.end_training()

@@ -166,6 +166,10 @@ def test_a_killed_run_resumes_to_the_same_phi(parquet_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout + resumed.stderr
     assert_same_phi(phi_of(tmp_path / "reference"), phi_of(tmp_path / "killed"), atol=1e-6)
+    record = (tmp_path / "killed" / "meta_training.json").read_text()
+    again = run_script([*common, "--resume"], tmp_path / "killed")  # a finished run resumed: nothing is rewritten
+    assert again.returncode == 0 and "Already finished at step 8" in again.stdout + again.stderr
+    assert (tmp_path / "killed" / "meta_training.json").read_text() == record
 
 
 def test_ctrl_c_writes_a_checkpoint_and_exits_cleanly(parquet_dir, tmp_path):
