@@ -10,15 +10,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 PHI=benchmarks/results/lookahead_phi
-for mode in first_order lookahead; do
+mkdir -p "$PHI"
+for lookahead in false true; do
+  mode=$([ "$lookahead" = true ] && echo lookahead || echo first_order)
   OMP_NUM_THREADS=1 python examples/meta_train.py --dataset "$DATA/tiny_imagenet_32_full" --arch conv4 --num_groups 1 \
-    --steps "${STEPS:-150}" --checkpoint_every 25 --log_every 5 --seed 0 --lookahead "$([ $mode = lookahead ] && echo true || echo false)" \
+    --steps "${STEPS:-150}" --checkpoint_every 25 --log_every 5 --seed 0 --lookahead "$lookahead" \
     --output_dir "$PHI/$mode" --resume > "$PHI/$mode.log" 2>&1 &
 done
 wait
 for shard in 0 1; do
   OMP_NUM_THREADS=1 python benchmarks/transfer_grid.py --name lookahead_1500 \
-    --targets "cub=$DATA/cub200_2011_first50_32,omniglot=$DATA/omniglot_bg_small_32" --archs conv4 --methods none,metaperturb \
+    --targets "cub=$DATA/cub200_2011_first50_32,omniglot=$DATA/omniglot_bg_small_32" --archs conv4 \
+    --methods none,metaperturb \
     --perturbations "first-order=$PHI/first_order,lookahead=$PHI/lookahead" \
     --seeds "${SEEDS:-0,1,2}" --steps 1500 --mc-samples 10 --threads 1 --shard "$shard/2" \
     > "benchmarks/results/lookahead_1500.shard$shard.log" 2>&1 &
