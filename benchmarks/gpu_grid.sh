@@ -29,15 +29,11 @@ DEADLINE=$(( $(date +%s) + ${BUDGET_S:-480} ))
 TARGETS="cub=$STAGE/cub200_2011_first50_32,cifar10=$STAGE/cifar10_32:50,omniglot=$STAGE/omniglot_bg_small_32"
 AUTHORS="authors-tin-resnet20=$STAGE/official_tin_resnet20_perturb_750.pth"
 CONV4_PHI="tin-full-conv4=hub_cards/metaperturb-tin-full-conv4"
-# One grid per line, in the order they are wanted: VGG-9 (tier b), ResNet-20 with the Conv4 φ and at half strength,
-# the location ablation's Omniglot placements, the matched single pass's missing seeds (tiers a and c are complete).
+# One grid per line, in the order they are wanted: VGG-9 (tier b), then the matched single pass's missing ResNet-20
+# seeds (tiers a and c, the strengths and the location ablation are complete).
 QUEUE=(
   "grid_1500|$TARGETS|vgg9|none,metaperturb|$CONV4_PHI,$AUTHORS|all|1"
-  "grid_1500|$TARGETS|resnet20|metaperturb|$CONV4_PHI|all|1"
-  "grid_1500|$TARGETS|resnet20|metaperturb|$AUTHORS|all|0.5"
-  "grid_1500|omniglot=$STAGE/omniglot_bg_small_32|resnet20|metaperturb|$AUTHORS|top:3,bottom:3|1"
   "single_pass_1500|$TARGETS|resnet20|metaperturb|$AUTHORS|all|1"
-  "single_pass_1500|cub=$STAGE/cub200_2011_first50_32,omniglot=$STAGE/omniglot_bg_small_32|conv4|metaperturb|$CONV4_PHI|all|0.5"
 )
 worker() {
   for entry in "${QUEUE[@]}"; do

@@ -7,7 +7,7 @@
 #   TIER=c bash benchmarks/run_grid_1500.sh   # conv4, resnet20 × dropout, dropblock, manifold_mixup, info_dropout
 # ARCHS=conv4 or SEEDS=0 narrow a tier (the committed records were run so, a part at a time). BUDGET_S=8000 starts
 # no run that would end later than that, judged by the worker's longest run so far (its first always starts), so a
-# session that must stop loses no run half done.
+# session that must stop loses no run half done. WORKERS=1 leaves the other core free for other work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -20,7 +20,7 @@ case "${TIER:-a}" in
 esac
 CLAIMS=$(mktemp -d)  # fresh each time: a claim left by a killed worker must not hold its run back next time
 trap 'rm -rf "$CLAIMS"' EXIT
-for worker in 0 1; do
+for worker in $(seq 0 $((${WORKERS:-2} - 1))); do
   OMP_NUM_THREADS=1 python benchmarks/transfer_grid.py --name grid_1500 \
     --targets "cub=$DATA/cub200_2011_first50_32,cifar10=$DATA/cifar10_32:50,omniglot=$DATA/omniglot_bg_small_32" \
     --archs "${ARCHS:-$archs}" --methods "$methods" \
