@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_grid.sh           # on the GPU machine, with .gpu carried along (device tool)
 #   python benchmarks/transfer_grid.py --name grid_1500 --merge FILES_AT/grid_1500.jsonl   # back here
 #   DEVICE=cpu STEPS=2 WORKERS=2 BUDGET_S=60 bash benchmarks/gpu_grid.sh   # a dry run of the machinery on a CPU
-# The records already in benchmarks/results/grid_1500.jsonl (and single_pass_1500.jsonl) travel with the working
-# tree, so finished runs are skipped; the merge adds only new runs, which name the device they ran on.
+# The records already in benchmarks/results/grid_1500.jsonl travel with the working tree, so finished runs are
+# skipped; the merge adds only new runs, which name the device they ran on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=.gpu/grid
@@ -21,7 +21,7 @@ if [ "${1:-}" = --stage ]; then
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" HF_HUB_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 OUT="${OUT:-/tmp/gpu-grid}"; mkdir -p "$OUT"
-WORK=$(mktemp -d); cp benchmarks/results/grid_1500.jsonl benchmarks/results/single_pass_1500.jsonl "$WORK/"
+WORK=$(mktemp -d); cp benchmarks/results/grid_1500.jsonl "$WORK/"
 [ -d "$STAGE/cub200_2011_first50_32" ] || { echo "no $STAGE: run bash benchmarks/gpu_grid.sh --stage first" >&2; exit 2; }
 DEVICE=${DEVICE:-cuda}
 [ "$DEVICE" = cpu ] || nvidia-smi -L || exit 1
@@ -29,11 +29,10 @@ DEADLINE=$(( $(date +%s) + ${BUDGET_S:-480} ))
 TARGETS="cub=$STAGE/cub200_2011_first50_32,cifar10=$STAGE/cifar10_32:50,omniglot=$STAGE/omniglot_bg_small_32"
 AUTHORS="authors-tin-resnet20=$STAGE/official_tin_resnet20_perturb_750.pth"
 CONV4_PHI="tin-full-conv4=hub_cards/metaperturb-tin-full-conv4"
-# One grid per line, in the order they are wanted: VGG-9 (tier b), then the matched single pass's missing ResNet-20
-# seeds (tiers a and c, the strengths and the location ablation are complete).
+# One grid per line, in the order they are wanted: only VGG-9 (tier b) is missing (tiers a and c, the strengths, the
+# location ablation and the matched single pass are complete).
 QUEUE=(
   "grid_1500|$TARGETS|vgg9|none,metaperturb|$CONV4_PHI,$AUTHORS|all|1"
-  "single_pass_1500|$TARGETS|resnet20|metaperturb|$AUTHORS|all|1"
 )
 worker() {
   for entry in "${QUEUE[@]}"; do
@@ -53,7 +52,5 @@ for i in $(seq 1 "${WORKERS:-12}"); do worker "$i" & workers+=($!); done
 ( sleep $(( DEADLINE - $(date +%s) + ${GRACE_S:-60} )); pkill -f "transfer_grid.py --name" ) & killer=$!
 wait "${workers[@]}"
 kill "$killer" 2>/dev/null
-cp "$WORK"/grid_1500.jsonl "$WORK"/single_pass_1500.jsonl "$OUT/"; rm -rf "$WORK"
-for name in grid_1500 single_pass_1500; do
-  echo "$name: $(( $(wc -l < "$OUT/$name.jsonl") - $(wc -l < "benchmarks/results/$name.jsonl") )) new records"
-done
+cp "$WORK"/grid_1500.jsonl "$OUT/"; rm -rf "$WORK"
+echo "grid_1500: $(( $(wc -l < "$OUT/grid_1500.jsonl") - $(wc -l < benchmarks/results/grid_1500.jsonl) )) new records"
