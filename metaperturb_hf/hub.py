@@ -180,7 +180,8 @@ def _results(results: dict[str, list[dict]], source: str | None) -> tuple[str, l
                 # The hub groups results by task and dataset only, so the network goes into the metric's name.
                 task_name=f"transfer to {target}, {_text(sorted(set().union(*target_steps[target])))} steps",
                 dataset_type=target, dataset_name=target, dataset_split="test", metric_type="accuracy",
-                metric_name=f"{column} on {arch}, accuracy (%), mean of {len(values)} seeds",
+                metric_name=f"{column} on {arch}, accuracy (%), "
+                            + (f"mean of {len(values)} seeds" if len(values) > 1 else "one seed"),
                 metric_value=round(mean, 2)))
             if column == f"metaperturb [{source}]" and (target, arch, "none") in baseline:
                 comparisons += 1
