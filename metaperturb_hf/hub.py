@@ -158,7 +158,7 @@ def _gain_table(records: list[dict]) -> str:
 
 def _results(results: dict[str, list[dict]], source: str | None) -> tuple[str, list[EvalResult], str]:
     """Per records file, the benchmark table's rows where φ `source` ran; its means as eval results; a tally."""
-    sections, evals, wins, comparisons = [], [], 0, 0
+    sections, evals, wins, comparisons, single_seed = [], [], 0, 0, 0
     for label, records in (results or {}).items():
         mine = [r for r in records if source is not None and r["source"] == source]
         steps = defaultdict(set)
@@ -185,6 +185,7 @@ def _results(results: dict[str, list[dict]], source: str | None) -> tuple[str, l
                 metric_value=round(mean, 2)))
             if column == f"metaperturb [{source}]" and (target, arch, "none") in baseline:
                 comparisons += 1
+                single_seed += len(values) == 1  # a one-seed mean can win by noise: the tally says how many
                 wins += mean > statistics.mean(baseline[(target, arch, "none")])
     if not sections:
         return f"No transfer results recorded for this φ yet (no benchmark record has `source` `{source}`).", [], ""
@@ -192,7 +193,9 @@ def _results(results: dict[str, list[dict]], source: str | None) -> tuple[str, l
             "without a φ in the same rows; the model-index holds the means of this φ's columns.\n\n"
             + "\n".join(sections))
     comparison = (f"\n- In these records, MetaPerturb with this φ (MC evaluation) beats training without a "
-                  f"regularizer in {wins} of {comparisons} settings." if comparisons else "")
+                  f"regularizer in {wins} of {comparisons} settings"
+                  + (f" ({single_seed} of them from a single seed)" if single_seed else "") + "."
+                  if comparisons else "")
     return text, evals, comparison
 
 
