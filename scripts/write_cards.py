@@ -52,17 +52,9 @@ python -m metaperturb_hf.convert {AUTHORS_CHECKPOINT} {AUTHORS}
 ```"""
 
 
-def quickstart_records() -> list[dict]:
-    """The quick start's records in the benchmark schema: examples/quickstart.py fixes the target (digits, 20
-    training images per class) and the φ of its MetaPerturb runs (tin-conv4)."""
-    return [{**record, "target": "digits", "train_per_class": 20,
-             "source": "tin-conv4" if record["method"].startswith("metaperturb") else "-"}
-            for record in load_records(QUICKSTART)]
-
-
 def default_results() -> dict[str, list[dict]]:
     """Transfer records by file (relative to the repository): the quick start and every benchmark JSONL."""
-    results = {str(QUICKSTART.relative_to(ROOT)): quickstart_records()}
+    results = {str(QUICKSTART.relative_to(ROOT)): load_records(QUICKSTART)}
     for path in sorted(RESULTS.glob("*.jsonl")):
         records = load_records(path)
         if has_run_key(records):
