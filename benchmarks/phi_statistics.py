@@ -20,12 +20,13 @@ import torch
 
 from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import load_image_dataset, normalize, to_tensors
+from metaperturb_hf.hub import source_name
 from metaperturb_hf.methods import apply_method, build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every released φ (named as in the cards' columns) and the authors' checkpoint.
 PERTURBATIONS = {
-    **{folder.name.removeprefix("metaperturb-"): folder for folder in sorted((ROOT / "hub_cards").iterdir())
+    **{source_name(folder): folder for folder in sorted((ROOT / "hub_cards").iterdir())
        if (folder / "model.safetensors").is_file()},
     "authors-tin-resnet20": ROOT.parent / "shared" / "reference" / "official_tin_resnet20_perturb_750.pth",
 }

@@ -26,6 +26,7 @@ from sklearn.datasets import load_digits
 from metaperturb_hf import MetaPerturbModel, add_perturbation, load_perturbation
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.data import BatchSampler, ImageTensors, normalize
+from metaperturb_hf.hub import source_name
 from metaperturb_hf.transfer import learning_rate_factor, noise_coeff_at
 
 DEFAULT_PERTURBATION = Path(__file__).resolve().parents[1] / "hub_cards" / "metaperturb-tin-full-conv4"
@@ -85,11 +86,6 @@ def train_and_test(train: ImageTensors, test: ImageTensors, phi: MetaPerturbMode
     if save_to is not None:
         model.save_pretrained(save_to)  # back with PerturbedModel.from_pretrained(save_to)
     return results
-
-
-def source_name(perturbation: str) -> str:
-    """φ's name in the records, as the model cards look it up: hub_cards/metaperturb-tin-full-conv4 → tin-full-conv4."""
-    return Path(perturbation).stem.removeprefix("metaperturb-")
 
 
 def accuracy(predict, test: ImageTensors, batch_size: int = 256) -> float:

@@ -238,6 +238,12 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def source_name(location: str | Path) -> str:
+    """The name a φ goes by in transfer records' `source`, by which its card finds them: the folder or repository
+    name without "metaperturb-" (hub_cards/metaperturb-tin-full-conv4 → tin-full-conv4), a checkpoint's without .pth."""
+    return Path(location).name.removesuffix(".pth").removeprefix("metaperturb-")
+
+
 def card_for_folder(folder: str | Path, model_name: str, results: dict[str, list[dict]] | None = None,
                     source: str | None = None, location: str | None = None) -> ModelCard:
     """The card of a φ saved in `folder` (save_pretrained + meta_training.json)."""

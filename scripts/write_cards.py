@@ -16,7 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from metaperturb_hf.hub import CARD_NAME, WEIGHTS_NAME, build_model_card, card_for_folder
+from metaperturb_hf.hub import CARD_NAME, WEIGHTS_NAME, build_model_card, card_for_folder, source_name
 from metaperturb_hf.results import has_run_key, load_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,16 +62,12 @@ def default_results() -> dict[str, list[dict]]:
     return results
 
 
-def source_of(name: str) -> str:
-    return name.removeprefix("metaperturb-")
-
-
 def build_cards(results: dict[str, list[dict]], namespace: str = "hub_cards") -> dict[Path, ModelCard]:
     """The card of every folder in hub_cards/ that holds weights, and the authors' card."""
-    cards = {folder: card_for_folder(folder, folder.name, results, source_of(folder.name), f"{namespace}/{folder.name}")
+    cards = {folder: card_for_folder(folder, folder.name, results, source_name(folder), f"{namespace}/{folder.name}")
              for folder in sorted(CARDS.iterdir()) if (folder / WEIGHTS_NAME).is_file()}
     cards[CARDS / AUTHORS] = build_model_card(AUTHORS_META_TRAINING, results, model_name=AUTHORS, location=AUTHORS,
-                                              source=source_of(AUTHORS), obtain=CONVERSION, license="unknown")
+                                              source=source_name(AUTHORS), obtain=CONVERSION, license="unknown")
     return cards
 
 

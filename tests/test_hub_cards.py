@@ -14,7 +14,15 @@ import torch
 from huggingface_hub import ModelCard
 
 from metaperturb_hf import MetaPerturbModel
-from metaperturb_hf.hub import CITATION, LIBRARY_NAME, TAGS, build_model_card, file_sha256, meta_training_facts
+from metaperturb_hf.hub import (
+    CITATION,
+    LIBRARY_NAME,
+    TAGS,
+    build_model_card,
+    file_sha256,
+    meta_training_facts,
+    source_name,
+)
 from metaperturb_hf.results import accuracy_cells, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +91,7 @@ def test_release_card_states_its_weights_and_meta_training(folder):
 def test_card_numbers_are_those_of_the_records(folder, regenerated):
     card = ModelCard.load(folder / "README.md")
     results = write_cards.default_results()
-    source = write_cards.source_of(folder.name)
+    source = source_name(folder)
     assert eval_cells(card) == expected_cells(results, source)
     assert card.content == regenerated[folder].content, f"{folder.name}/README.md is stale: python scripts/write_cards.py"
 
