@@ -173,6 +173,25 @@ def phi_statistics(phi: MetaPerturbModel, grad: torch.Tensor | None = None) -> d
     return stats
 
 
+def phi_adam_steps(optimizer_state: dict, phi: MetaPerturbModel) -> dict[str, float]:
+    """Adam's step of each of φ's groups as a fraction of the learning rate (the group's mean |m̂| / (√v̂ + ε)), from
+    φ's optimizer's `state_dict()`, live or a checkpoint's. Near 1 the group's gradient keeps its sign and the group
+    moves at the learning rate; near 0 its running mean is small against the magnitudes the second moment remembers
+    (β₂ = 0.999: about the last thousand steps), so the group stands still however large its gradient."""
+    (group,) = optimizer_state["param_groups"]
+    states = [optimizer_state["state"].get(index) for index in group["params"]]
+    if not all(states):  # before the first step
+        return {}
+    beta1, beta2 = group["betas"]
+    ratios = []
+    for state in states:
+        step = float(state["step"])
+        m_hat = state["exp_avg"] / (1 - beta1**step)
+        v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+        ratios.append((m_hat.abs() / (v_hat.sqrt() + group["eps"])).flatten())
+    return {f"phi/adam_step_{name}": float(value.mean()) for name, value in _phi_groups(torch.cat(ratios), phi).items()}
+
+
 class TaskLearner:
     """One task's perturbed classifier, its optimizer, its batch samplers and its own random stream."""
 
@@ -438,6 +457,7 @@ class MetaTrainer:
             summary[name] = sum(task_values) / len(task_values)
         summary["phi_grad_norm"] = float(metrics["phi_grad_norm"])
         summary.update(phi_statistics(self.phi, metrics["phi_grad"]))
+        summary.update(phi_adam_steps(self.phi_optimizer.state_dict(), self.phi))
         values = dict(summary)
         for task_id, task_metrics in sorted(per_task.items()):
             values.update({f"task{task_id}/{name}": value for name, value in task_metrics.items()

@@ -212,6 +212,7 @@ def test_logs_phi_magnitudes_gradients_and_per_site_noise(tmp_path):
     line = json.loads((tmp_path / "out" / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
     for group in ("lambda1", "lambda2", "gamma1", "gamma2", "K", "w"):
         assert line[f"phi/mean_abs_{group}"] > 0 and line[f"phi/grad_norm_{group}"] >= 0
+        assert 0 <= line[f"phi/adam_step_{group}"] <= 1.01
         assert -1 <= line[f"phi/grad_cos_{group}"] <= 1
     assert line["phi/mean_abs_K"] == pytest.approx(float(t.phi.stat_kernels.detach().abs().mean()))
     per_site = [line[f"site{i}/mean_z"] for i in range(4)]  # conv4: four sites
@@ -228,6 +229,22 @@ def test_phi_statistics_cut_the_gradient_into_phis_groups():
     assert all(stats[f"phi/grad_cos_{g}"] == pytest.approx(1) for g in ("lambda1", "lambda2", "gamma1", "gamma2", "K", "w"))
     assert stats["phi/grad_norm_lambda2"] == pytest.approx(2 * float(phi.identity_kernels[1].detach().norm()))
     assert stats["phi/mean_abs_gamma1"] == pytest.approx(float(phi.mean_kernels[0].detach().abs().mean()))
+
+
+def test_phi_adam_steps_tell_a_consistent_gradient_from_one_that_flips_sign():
+    from metaperturb_hf.meta_training import phi_adam_steps
+
+    phi = initial_phi(MetaTrainingConfig(architectures=["conv4"]))
+    optimizer = torch.optim.Adam(phi.parameters(), lr=1e-3)
+    assert phi_adam_steps(optimizer.state_dict(), phi) == {}  # no step yet
+    for step in range(40):
+        for parameter in phi.parameters():
+            parameter.grad = torch.ones_like(parameter)
+        phi.identity_kernels.grad = torch.full_like(phi.identity_kernels, (-1.0) ** step)  # λ: sign flips every step
+        optimizer.step()
+    steps = phi_adam_steps(optimizer.state_dict(), phi)
+    assert all(steps[f"phi/adam_step_{g}"] == pytest.approx(1, abs=1e-3) for g in ("gamma1", "gamma2", "K", "w"))
+    assert steps["phi/adam_step_lambda1"] < 0.1 and steps["phi/adam_step_lambda2"] < 0.1
 
 
 def test_phi_initial_value_averaged_over_draws_shrinks_by_its_square_root():
