@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The 1500-step transfer grid on one GPU: WORKERS processes share it, each taking the next unclaimed run of the
 # queue below (most wanted first), none starting a run it would not finish within BUDGET_S.
-#   bash benchmarks/gpu_grid.sh --stage   # here: the three targets and the authors' φ into .gpu/grid (28 MiB)
+#   bash benchmarks/gpu_grid.sh --stage   # here: the three targets into .gpu/grid
 #   bash benchmarks/gpu_grid.sh           # on the GPU machine, with .gpu carried along (device tool)
 #   python benchmarks/transfer_grid.py --name grid_1500 --merge FILES_AT/grid_1500.jsonl   # back here
 #   DEVICE=cpu STEPS=2 WORKERS=2 BUDGET_S=60 bash benchmarks/gpu_grid.sh   # a dry run of the machinery on a CPU
@@ -15,7 +15,6 @@ if [ "${1:-}" = --stage ]; then
   for target in cub200_2011_first50_32 cifar10_32 omniglot_bg_small_32; do
     mkdir -p "$STAGE/$target" && cp "$DATA/$target"/*.parquet "$DATA/$target"/*.json "$STAGE/$target/" || exit 1
   done
-  cp "${REFERENCE:-../shared/reference}/official_tin_resnet20_perturb_750.pth" "$STAGE/" || exit 1
   du -sh "$STAGE"
   exit 0
 fi
@@ -27,12 +26,12 @@ DEVICE=${DEVICE:-cuda}
 [ "$DEVICE" = cpu ] || nvidia-smi -L || exit 1
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-480} ))
 TARGETS="cub=$STAGE/cub200_2011_first50_32,cifar10=$STAGE/cifar10_32:50,omniglot=$STAGE/omniglot_bg_small_32"
-AUTHORS="authors-tin-resnet20=$STAGE/official_tin_resnet20_perturb_750.pth"
-CONV4_PHI="tin-full-conv4=hub_cards/metaperturb-tin-full-conv4"
-# One grid per line, in the order they are wanted: only VGG-9 (tier b) is missing (tiers a and c, the strengths, the
-# location ablation and the matched single pass are complete).
+RESNET20_PHI="tin-full-resnet20=hub_cards/metaperturb-tin-full-resnet20"
+# One grid per line, in the order they are wanted; finished runs are skipped. Tiers a, b and c are complete for the
+# authors' φ and tin-full-conv4; tin-full-resnet20 (released after them) first on its own network, then the others.
 QUEUE=(
-  "grid_1500|$TARGETS|vgg9|none,metaperturb|$CONV4_PHI,$AUTHORS|all|1"
+  "grid_1500|$TARGETS|resnet20|metaperturb|$RESNET20_PHI|all|1"
+  "grid_1500|$TARGETS|conv4,vgg9|metaperturb|$RESNET20_PHI|all|1"
 )
 worker() {
   for entry in "${QUEUE[@]}"; do
