@@ -11,7 +11,6 @@ checkpoints (`trainer_state.pt` and `perturbation/`) of runs logged before that.
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 from metaperturb_hf import checkpointing, load_perturbation
@@ -20,16 +19,11 @@ from metaperturb_hf.meta_training import phi_adam_steps, phi_statistics
 
 
 def checkpoint_line(checkpoint: Path) -> dict:
+    if not (checkpoint / TRAINER_STATE).is_file():
+        raise SystemExit(f"{checkpoint} has no {TRAINER_STATE}: pass checkpoint-<step> folders of a meta-training run")
     state = checkpointing.load_trusted(checkpoint / TRAINER_STATE)
     phi = load_perturbation(checkpoint / PERTURBATION)
     return {"step": int(state["step"]), **phi_adam_steps(state["phi_optimizer"], phi), **phi_statistics(phi)}
-
-
-def step_of(path: Path) -> int:
-    match = re.search(r"(\d+)$", path.name)
-    if not match:
-        raise SystemExit(f"{path} is not a checkpoint folder (checkpoint-<step>)")
-    return int(match.group(1))
 
 
 def main(argv=None):
@@ -37,7 +31,7 @@ def main(argv=None):
     parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint-<step> folders of one run")
     parser.add_argument("--output", type=Path, help="write the lines here too (JSONL)")
     args = parser.parse_args(argv)
-    lines = [checkpoint_line(path) for path in sorted(args.checkpoints, key=step_of)]
+    lines = sorted((checkpoint_line(path) for path in args.checkpoints), key=lambda line: line["step"])
     text = "".join(json.dumps(line) + "\n" for line in lines)
     print(text, end="")
     if args.output:

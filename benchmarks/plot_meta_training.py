@@ -3,12 +3,16 @@ scale, and φ's gradient norm per group, one column per run, so whether (and whe
 origin is visible at a glance.
 
     python benchmarks/plot_meta_training.py RUN_DIR [RUN_DIR ...] --labels a,b --output curves.png
+    python benchmarks/plot_meta_training.py RUN_DIR --gradient-medians 20,100,750   # numbers, no plot
 
 RUN_DIR is a meta-training output folder (with logs/metrics.jsonl) or a metrics .jsonl file itself.
+`--gradient-medians` prints, per run and per window of logged steps [a, b) between consecutive bounds, the median
+gradient norm of each of φ's groups: how much the loss still depends on each group, without one spike deciding.
 """
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -31,6 +35,16 @@ def read_metrics(run: str | Path) -> list[dict]:
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(row["step"], row[key]) for row in rows if key in row]
     return [step for step, _ in points], [value for _, value in points]
+
+
+def gradient_medians(rows: list[dict], bounds: list[int]) -> list[dict]:
+    """Per window [a, b) of consecutive `bounds`, the median over logged steps of each group's gradient norm."""
+    windows = []
+    for start, end in zip(bounds, bounds[1:]):
+        inside = [row for row in rows if start <= row["step"] < end]
+        windows.append({"steps": [start, end], **{group: statistics.median(row[f"phi/grad_norm_{group}"] for row in inside)
+                                                   for group in PHI_GROUPS}})
+    return windows
 
 
 def plot_runs(runs: dict[str, list[dict]], output: Path) -> None:
@@ -75,11 +89,19 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="meta-training output folders or metrics .jsonl files")
     parser.add_argument("--labels", help="comma-separated column titles (default: the folder names)")
     parser.add_argument("--output", type=Path, default=Path("meta_training_curves.png"))
+    parser.add_argument("--gradient-medians", help="comma-separated step bounds: print median gradient norms per window")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [Path(run).name for run in args.runs]
     if len(labels) != len(args.runs):
         parser.error(f"{len(labels)} labels for {len(args.runs)} runs")
-    plot_runs({label: read_metrics(run) for label, run in zip(labels, args.runs)}, args.output)
+    runs = {label: read_metrics(run) for label, run in zip(labels, args.runs)}
+    if args.gradient_medians:
+        bounds = [int(step) for step in args.gradient_medians.split(",")]
+        for label, rows in runs.items():
+            for window in gradient_medians(rows, bounds):
+                print(json.dumps({"run": label, **window}))
+    else:
+        plot_runs(runs, args.output)
 
 
 if __name__ == "__main__":
