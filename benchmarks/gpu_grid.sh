@@ -26,9 +26,9 @@ DEVICE=${DEVICE:-cuda}
 [ "$DEVICE" = cpu ] || nvidia-smi -L || exit 1
 DEADLINE=$(( $(date +%s) + ${BUDGET_S:-480} ))
 TARGETS="cub=$STAGE/cub200_2011_first50_32,cifar10=$STAGE/cifar10_32:50,omniglot=$STAGE/omniglot_bg_small_32"
-RESNET20_PHI="tin-full-resnet20=hub_cards/metaperturb-tin-full-resnet20"
+RESNET20_PHI="tin-full-resnet20=hub_cards/metaperturb-tin-full-resnet20,tin-full-resnet20-seed1=hub_cards/metaperturb-tin-full-resnet20-seed1"
 # One grid per line, in the order they are wanted; finished runs are skipped. Tiers a, b and c are complete for the
-# authors' φ and tin-full-conv4; tin-full-resnet20 (released after them) first on its own network, then the others.
+# authors' φ and tin-full-conv4; the ResNet-20 φ (released after them) first on their own network, then the others.
 QUEUE=(
   "grid_1500|$TARGETS|resnet20|metaperturb|$RESNET20_PHI|all|1"
   "grid_1500|$TARGETS|conv4,vgg9|metaperturb|$RESNET20_PHI|all|1"
