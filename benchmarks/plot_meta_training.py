@@ -4,10 +4,13 @@ origin is visible at a glance.
 
     python benchmarks/plot_meta_training.py RUN_DIR [RUN_DIR ...] --labels a,b --output curves.png
     python benchmarks/plot_meta_training.py RUN_DIR --gradient-medians 20,100,750   # numbers, no plot
+    python benchmarks/plot_meta_training.py RUN_DIR [RUN_DIR ...] --sizes 50,100,150  # numbers, no plot
 
 RUN_DIR is a meta-training output folder (with logs/metrics.jsonl) or a metrics .jsonl file itself.
 `--gradient-medians` prints, per run and per window of logged steps [a, b) between consecutive bounds, the median
 gradient norm of each of φ's groups: how much the loss still depends on each group, without one spike deciding.
+`--sizes` prints, per run and per logged step given, the noise generator's size (mean |λ₁|, |λ₂|, |γ₁|, |γ₂|), the
+scale network's (|K|, |w|) and the range of the per-site mean z: whether runs (e.g. seeds) left the origin and stayed.
 """
 
 import argparse
@@ -47,6 +50,25 @@ def gradient_medians(rows: list[dict], bounds: list[int]) -> list[dict]:
     return windows
 
 
+def sizes_at(rows: list[dict], steps: list[int]) -> list[dict]:
+    """At each of `steps` (which must be logged), the mean magnitude of the noise generator's four groups, |K|, |w|
+    and the lowest and highest per-site mean z (both 0.806 when the noise does not depend on the input)."""
+    by_step = {row["step"]: row for row in rows}
+    missing = [step for step in steps if step not in by_step]
+    if missing:
+        raise SystemExit(f"Steps {missing} are not logged (logged: {min(by_step)}..{max(by_step)}); "
+                         "pick multiples of the run's --log-every.")
+    sizes = []
+    for step in steps:
+        row = by_step[step]
+        site_z = [value for key, value in row.items() if key.startswith("site") and key.endswith("/mean_z")]
+        sizes.append({"step": step,
+                      "noise_generator": statistics.mean(row[f"phi/mean_abs_{group}"] for group in PHI_GROUPS[:4]),
+                      "K": row["phi/mean_abs_K"], "w": row["phi/mean_abs_w"],
+                      "site_z": [min(site_z), max(site_z)], "valid_accuracy": row["valid_accuracy"]})
+    return sizes
+
+
 def plot_runs(runs: dict[str, list[dict]], output: Path) -> None:
     panels = ("loss", "phi magnitude", "per-site mean z", "per-site mean s", "phi gradient norm")
     figure, axes = plt.subplots(len(panels), len(runs), figsize=(4.5 * len(runs), 2.6 * len(panels)), squeeze=False,
@@ -84,12 +106,17 @@ def plot_runs(runs: dict[str, list[dict]], output: Path) -> None:
     print(f"Wrote {output}")
 
 
+def _rounded(value):
+    return [round(item, 4) for item in value] if isinstance(value, list) else round(value, 4)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="meta-training output folders or metrics .jsonl files")
     parser.add_argument("--labels", help="comma-separated column titles (default: the folder names)")
     parser.add_argument("--output", type=Path, default=Path("meta_training_curves.png"))
     parser.add_argument("--gradient-medians", help="comma-separated step bounds: print median gradient norms per window")
+    parser.add_argument("--sizes", help="comma-separated logged steps: print φ's group sizes and per-site z range")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [Path(run).name for run in args.runs]
     if len(labels) != len(args.runs):
@@ -100,6 +127,11 @@ def main(argv=None):
         for label, rows in runs.items():
             for window in gradient_medians(rows, bounds):
                 print(json.dumps({"run": label, **window}))
+    elif args.sizes:
+        steps = [int(step) for step in args.sizes.split(",")]
+        for label, rows in runs.items():
+            for size in sizes_at(rows, steps):
+                print(json.dumps({"run": label, **{key: _rounded(value) for key, value in size.items()}}))
     else:
         plot_runs(runs, args.output)
 

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("plot_meta_training", ROOT / "benchmarks" / "plot_meta_training.py")
 plot_meta_training = importlib.util.module_from_spec(spec)
@@ -16,3 +18,22 @@ def test_gradient_medians_take_each_window_half_open_and_ignore_a_spike():
     early, late = plot_meta_training.gradient_medians(rows, [0, 15, 30])
     assert early["steps"] == [0, 15] and early["lambda1"] == 3.0  # median of 1, 100, 3: the spike does not decide
     assert late["steps"] == [15, 30] and late["w"] == 0.02  # step 15 belongs to the second window only
+
+
+def _row(step, noise_generator, z_per_site):
+    magnitudes = dict(zip(plot_meta_training.PHI_GROUPS, (*noise_generator, 0.5, 0.25)))
+    return {"step": step, "valid_accuracy": 0.1, **{f"phi/mean_abs_{group}": value for group, value in magnitudes.items()},
+            **{f"site{site}/mean_z": z for site, z in enumerate(z_per_site)}}
+
+
+def test_sizes_average_the_noise_generator_only_and_span_the_sites():
+    rows = [_row(5, (0.01, 0.02, 0.03, 0.06), (0.81, 0.84, 0.90)), _row(10, (0.0, 0.0, 0.0, 0.0), (0.806, 0.806))]
+    early, late = plot_meta_training.sizes_at(rows, [5, 10])
+    assert early["noise_generator"] == 0.03  # K and w (0.5, 0.25) stay out of it
+    assert (early["K"], early["w"]) == (0.5, 0.25)
+    assert early["site_z"] == [0.81, 0.90] and late["site_z"] == [0.806, 0.806]
+
+
+def test_sizes_name_unlogged_steps():
+    with pytest.raises(SystemExit, match=r"Steps \[7\] are not logged"):
+        plot_meta_training.sizes_at([_row(5, (0, 0, 0, 0), (0.8,))], [5, 7])
