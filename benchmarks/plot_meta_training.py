@@ -9,8 +9,8 @@ origin is visible at a glance.
 RUN_DIR is a meta-training output folder (with logs/metrics.jsonl) or a metrics .jsonl file itself.
 `--gradient-medians` prints, per run and per window of logged steps [a, b) between consecutive bounds, the median
 gradient norm of each of φ's groups: how much the loss still depends on each group, without one spike deciding.
-`--sizes` prints, per run and per logged step given, the noise generator's size (mean |λ₁|, |λ₂|, |γ₁|, |γ₂|), the
-scale network's (|K|, |w|) and the range of the per-site mean z: whether runs (e.g. seeds) left the origin and stayed.
+`--sizes` prints, per run and per logged step given, each group's mean |value|, the noise generator's size (the mean of
+|λ₁|, |λ₂|, |γ₁|, |γ₂|) and the range of the per-site mean z: whether runs (e.g. seeds) left the origin and stayed.
 """
 
 import argparse
@@ -23,7 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PHI_GROUPS = ("lambda1", "lambda2", "gamma1", "gamma2", "K", "w")
+NOISE_GENERATOR_GROUPS = ("lambda1", "lambda2", "gamma1", "gamma2")  # μ = φ₂(ReLU(φ₁(h))): λ identity, γ mean kernels
+PHI_GROUPS = (*NOISE_GENERATOR_GROUPS, "K", "w")
 
 
 def read_metrics(run: str | Path) -> list[dict]:
@@ -51,8 +52,8 @@ def gradient_medians(rows: list[dict], bounds: list[int]) -> list[dict]:
 
 
 def sizes_at(rows: list[dict], steps: list[int]) -> list[dict]:
-    """At each of `steps` (which must be logged), the mean magnitude of the noise generator's four groups, |K|, |w|
-    and the lowest and highest per-site mean z (both 0.806 when the noise does not depend on the input)."""
+    """At each of `steps` (which must be logged), every group's mean magnitude, their mean over the noise generator's
+    four groups, and the lowest and highest per-site mean z (both 0.806 when the noise does not depend on the input)."""
     by_step = {row["step"]: row for row in rows}
     missing = [step for step in steps if step not in by_step]
     if missing:
@@ -61,11 +62,10 @@ def sizes_at(rows: list[dict], steps: list[int]) -> list[dict]:
     sizes = []
     for step in steps:
         row = by_step[step]
+        magnitudes = {group: row[f"phi/mean_abs_{group}"] for group in PHI_GROUPS}
         site_z = [value for key, value in row.items() if key.startswith("site") and key.endswith("/mean_z")]
-        sizes.append({"step": step,
-                      "noise_generator": statistics.mean(row[f"phi/mean_abs_{group}"] for group in PHI_GROUPS[:4]),
-                      "K": row["phi/mean_abs_K"], "w": row["phi/mean_abs_w"],
-                      "site_z": [min(site_z), max(site_z)], "valid_accuracy": row["valid_accuracy"]})
+        sizes.append({"step": step, "noise_generator": statistics.mean(magnitudes[g] for g in NOISE_GENERATOR_GROUPS),
+                      **magnitudes, "site_z": [min(site_z), max(site_z)], "valid_accuracy": row["valid_accuracy"]})
     return sizes
 
 
@@ -115,8 +115,9 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="meta-training output folders or metrics .jsonl files")
     parser.add_argument("--labels", help="comma-separated column titles (default: the folder names)")
     parser.add_argument("--output", type=Path, default=Path("meta_training_curves.png"))
-    parser.add_argument("--gradient-medians", help="comma-separated step bounds: print median gradient norms per window")
-    parser.add_argument("--sizes", help="comma-separated logged steps: print φ's group sizes and per-site z range")
+    numbers = parser.add_mutually_exclusive_group()  # either prints numbers instead of plotting
+    numbers.add_argument("--gradient-medians", help="comma-separated step bounds: print median gradient norms per window")
+    numbers.add_argument("--sizes", help="comma-separated logged steps: print φ's group sizes and per-site z range")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [Path(run).name for run in args.runs]
     if len(labels) != len(args.runs):

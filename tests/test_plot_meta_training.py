@@ -1,4 +1,5 @@
-"""benchmarks/plot_meta_training.py: the median gradient norm per group and window of logged steps."""
+"""benchmarks/plot_meta_training.py: the median gradient norm per group and window of logged steps, and φ's group sizes
+at given steps."""
 
 import importlib.util
 from pathlib import Path
@@ -29,8 +30,8 @@ def _row(step, noise_generator, z_per_site):
 def test_sizes_average_the_noise_generator_only_and_span_the_sites():
     rows = [_row(5, (0.01, 0.02, 0.03, 0.06), (0.81, 0.84, 0.90)), _row(10, (0.0, 0.0, 0.0, 0.0), (0.806, 0.806))]
     early, late = plot_meta_training.sizes_at(rows, [5, 10])
-    assert early["noise_generator"] == 0.03  # K and w (0.5, 0.25) stay out of it
-    assert (early["K"], early["w"]) == (0.5, 0.25)
+    assert early["noise_generator"] == pytest.approx(0.03)  # K and w (0.5, 0.25) stay out of it
+    assert (early["lambda2"], early["gamma2"], early["K"], early["w"]) == (0.02, 0.06, 0.5, 0.25)
     assert early["site_z"] == [0.81, 0.90] and late["site_z"] == [0.806, 0.806]
 
 
