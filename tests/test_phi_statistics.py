@@ -1,0 +1,90 @@
+"""benchmarks/phi_statistics.py --state-dict: it measures the trained run it is given, not a fresh network."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest_data import image_dataset, isolated_hf_cache  # noqa: F401 (a fixture)
+
+from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel
+from metaperturb_hf.data import load_image_dataset, normalize, to_tensors
+from metaperturb_hf.methods import apply_method, build_classifier
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "phi_statistics.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("script_phi_statistics", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def target(tmp_path, isolated_hf_cache):
+    folder = tmp_path / "target"
+    folder.mkdir()
+    image_dataset(num_classes=3, per_class=12, size=16, seed=1).to_parquet(str(folder / "train.parquet"))
+    image_dataset(num_classes=3, per_class=4, size=16, seed=2).to_parquet(str(folder / "test.parquet"))
+    return folder
+
+
+@pytest.fixture
+def phi_folder(tmp_path):
+    """A φ far from its start, so that s follows the features it meets."""
+    phi = MetaPerturbModel(MetaPerturbConfig())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in phi.parameters():
+            parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+    phi.save_pretrained(tmp_path / "phi")
+    return tmp_path / "phi"
+
+
+def trained_run(phi_folder, path: Path) -> torch.nn.Module:
+    """A perturbed Conv4 whose BatchNorm scales differ from a fresh one's, as training would leave them."""
+    model = apply_method(build_classifier("conv4", 3, 16, seed=0), "metaperturb", 16,
+                         MetaPerturbModel.from_pretrained(phi_folder))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith("model.") and parameter.dim() == 1:
+                parameter.copy_(3 * torch.rand(parameter.shape, generator=generator))
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_state_dict_measures_the_trained_network(script, target, phi_folder, tmp_path):
+    model = trained_run(phi_folder, tmp_path / "run.pt")
+    common = ["--target", str(target), "--archs", "conv4", "--perturbations", f"test-phi={phi_folder}"]
+    script.main([*common, "--output", str(tmp_path / "fresh.jsonl")])
+    script.main([*common, "--state-dict", str(tmp_path / "run.pt"), "--output", str(tmp_path / "trained.jsonl")])
+
+    fresh = [line for line in lines(tmp_path / "fresh.jsonl") if "site" in line]
+    trained = lines(tmp_path / "trained.jsonl")
+    fit = [line for line in trained if "train_accuracy" in line]
+    sites = [line for line in trained if "site" in line]
+    assert len(fit) == 1 and 0 <= fit[0]["train_accuracy"] <= 1 and 0 <= fit[0]["test_accuracy"] <= 1
+    assert all(line["trained"] == "run.pt" for line in fit + sites)
+    assert [line["site"] for line in sites] == [line["site"] for line in fresh]
+
+    train = to_tensors(load_image_dataset(str(target), "train"))
+    torch.manual_seed(0)
+    images = normalize(train.images[torch.randperm(len(train))[:128]])
+    torch.manual_seed(0)
+    expected = script.site_multipliers(model, images)
+    assert [line["mean_s"] for line in sites] == pytest.approx([line["mean_s"] for line in expected], abs=1e-6)
+    assert max(abs(a["mean_s"] - b["mean_s"]) for a, b in zip(sites, fresh)) > 1e-3  # not the fresh network's
+
+
+def test_state_dict_needs_one_phi_and_one_network(script, target, phi_folder, tmp_path):
+    with pytest.raises(SystemExit):
+        script.main(["--target", str(target), "--archs", "conv4,resnet20", "--perturbations", f"a={phi_folder}",
+                     "--state-dict", str(tmp_path / "run.pt"), "--output", str(tmp_path / "out.jsonl")])
