@@ -77,6 +77,8 @@ def main(argv=None):
     chosen = dict(item.split("=", 1) for item in args.perturbations.split(",")) if args.perturbations else PERTURBATIONS
     if args.state_dict and (len(chosen) != 1 or "," in args.archs):
         parser.error("--state-dict measures one trained run: name its φ (--perturbations NAME=PATH) and its --archs")
+    if args.state_dict and not Path(args.state_dict).is_file():
+        parser.error(f"--state-dict {args.state_dict} is not a file; save one with examples/transfer.py --save-model")
     train = to_tensors(load_image_dataset(args.target, "train"))
     torch.manual_seed(0)
     images = normalize(train.images[torch.randperm(len(train))[:128]])

@@ -84,7 +84,9 @@ def test_state_dict_measures_the_trained_network(script, target, phi_folder, tmp
     assert max(abs(a["mean_s"] - b["mean_s"]) for a, b in zip(sites, fresh)) > 1e-3  # not the fresh network's
 
 
-def test_state_dict_needs_one_phi_and_one_network(script, target, phi_folder, tmp_path):
+@pytest.mark.parametrize("archs, message", [("conv4,resnet20", "one trained run"), ("conv4", "is not a file")])
+def test_state_dict_needs_one_saved_run(script, target, phi_folder, tmp_path, capsys, archs, message):
     with pytest.raises(SystemExit):
-        script.main(["--target", str(target), "--archs", "conv4,resnet20", "--perturbations", f"a={phi_folder}",
-                     "--state-dict", str(tmp_path / "run.pt"), "--output", str(tmp_path / "out.jsonl")])
+        script.main(["--target", str(target), "--archs", archs, "--perturbations", f"a={phi_folder}",
+                     "--state-dict", str(tmp_path / "absent.pt"), "--output", str(tmp_path / "out.jsonl")])
+    assert message in capsys.readouterr().err
