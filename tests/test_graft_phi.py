@@ -1,0 +1,43 @@
+"""benchmarks/graft_phi.py: the graft has one φ's scale network and the other's noise generator (or none)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, load_perturbation
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "graft_phi.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("script_graft_phi", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def saved_phi(folder: Path, seed: int) -> Path:
+    phi = MetaPerturbModel(MetaPerturbConfig())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in phi.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    phi.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("noise_from", ["donor", "zero"])
+def test_graft_takes_the_scale_network_of_one_and_the_noise_generator_of_the_other(script, tmp_path, noise_from):
+    base, donor = saved_phi(tmp_path / "base", 0), saved_phi(tmp_path / "donor", 1)
+    script.main(["--scale-from", str(base), "--noise-from", str(donor) if noise_from == "donor" else "zero",
+                 "--output", str(tmp_path / "graft")])
+    graft, scale, noise = (load_perturbation(path).state_dict() for path in (tmp_path / "graft", base, donor))
+    for name in ("stat_kernels", "scale_weight"):
+        torch.testing.assert_close(graft[name], scale[name], rtol=0, atol=0)
+    for name in script.NOISE_GENERATOR:
+        expected = noise[name] if noise_from == "donor" else torch.zeros_like(noise[name])
+        torch.testing.assert_close(graft[name], expected, rtol=0, atol=0)
+    assert set(graft) == set(scale)  # nothing else in φ
