@@ -1,22 +1,17 @@
 """benchmarks/graft_phi.py: the graft has one φ's scale network and the other's noise generator (or none)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from script_loading import load_script
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, load_perturbation
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "graft_phi.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("script_graft_phi", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/graft_phi.py")
 
 
 def saved_phi(folder: Path, seed: int) -> Path:

@@ -1,26 +1,21 @@
 """benchmarks/phi_statistics.py --state-dict: it measures the trained run it is given, not a fresh network."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from conftest_data import image_dataset, isolated_hf_cache  # noqa: F401 (a fixture)
+from script_loading import load_script
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel
 from metaperturb_hf.data import load_image_dataset, normalize, to_tensors
 from metaperturb_hf.methods import apply_method, build_classifier
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "phi_statistics.py"
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("script_phi_statistics", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/phi_statistics.py")
 
 
 @pytest.fixture

@@ -1,24 +1,18 @@
 """benchmarks/scale_network.py: the s it recomputes is the s that φ applies, and its descriptor sweep passes through it."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from script_loading import load_script
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel, add_perturbation
 from metaperturb_hf.architectures import create_model
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale_network.py"
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("script_scale_network", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/scale_network.py")
 
 
 def random_phi(seed: int) -> MetaPerturbModel:
