@@ -12,10 +12,11 @@ SEED1=hub_cards/metaperturb-tin-full-resnet20-seed1
 GRAFTS=benchmarks/results/phi_graft
 python benchmarks/graft_phi.py --scale-from "$AUTHORS" --noise-from zero --output "$GRAFTS/authors-s_mu0"
 python benchmarks/graft_phi.py --scale-from "$SEED1" --noise-from "$AUTHORS" --output "$GRAFTS/seed1-s_authors-mu"
+SEEDS=${SEEDS:-0,1,2}
 CLAIMS=$(mktemp -d)
 trap 'rm -rf "$CLAIMS"' EXIT
 for worker in $(seq 0 $((${WORKERS:-1} - 1))); do
-  for seed in ${SEEDS:-0 1 2}; do
+  for seed in ${SEEDS//,/ }; do
     OMP_NUM_THREADS=1 python benchmarks/transfer_grid.py --name phi_graft_1500 \
       --targets "omniglot=${DATA:-../shared/data}/omniglot_bg_small_32" --archs resnet20 --methods metaperturb \
       --perturbations "authors-s_mu0=$GRAFTS/authors-s_mu0,seed1-s_authors-mu=$GRAFTS/seed1-s_authors-mu" \

@@ -15,6 +15,7 @@ REFERENCE=${REFERENCE:-../shared/reference}
 declare -A TARGET_PATHS=([cub]="$DATA/cub200_2011_first50_32" [cifar10]="$DATA/cifar10_32:50"
                          [omniglot]="$DATA/omniglot_bg_small_32")
 targets=""
+TARGETS=${TARGETS:-}
 for name in ${TARGETS//,/ }; do
   [[ -n "${TARGET_PATHS[$name]:-}" ]] || { echo "TARGETS names cub, cifar10 or omniglot, got '$name'" >&2; exit 2; }
   targets+="${targets:+,}$name=${TARGET_PATHS[$name]}"
