@@ -15,12 +15,8 @@ def script():
 
 
 def saved_phi(folder: Path, seed: int) -> Path:
-    phi = MetaPerturbModel(MetaPerturbConfig())
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in phi.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    phi.save_pretrained(folder)
+    torch.manual_seed(seed)
+    MetaPerturbModel(MetaPerturbConfig(initializer_range=1.0)).save_pretrained(folder)
     return folder
 
 

@@ -1,15 +1,10 @@
 """benchmarks/plot_meta_training.py: the median gradient norm per group and window of logged steps, and φ's group sizes
 at given steps."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from script_loading import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("plot_meta_training", ROOT / "benchmarks" / "plot_meta_training.py")
-plot_meta_training = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(plot_meta_training)
+plot_meta_training = load_script("benchmarks/plot_meta_training.py")
 
 
 def test_gradient_medians_take_each_window_half_open_and_ignore_a_spike():
