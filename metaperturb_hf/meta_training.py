@@ -31,6 +31,7 @@ from .architectures import create_model, list_models
 from .configuration_metaperturb import MetaPerturbConfig
 from .data import BatchSampler
 from .injection import add_perturbation
+from .loading import load_perturbation
 from .meta_training_record import build_record, read_record, write_record
 from .modeling_metaperturb import MetaPerturbModel
 from .tasks import Task
@@ -72,6 +73,9 @@ class MetaTrainingConfig:
         "std of φ's initial N(0, std) (default: the φ config's initializer_range, 0.01)")})
     phi_init_average: int = field(default=1, metadata={"help": (
         "average φ's initial value over this many draws (the authors' 10 processes: 10)")})
+    # Continuing a released φ on another source, or asking whether a φ is where this protocol's meta-gradient stays.
+    phi_init_from: str | None = field(default=None, metadata={"help": (
+        "start from this φ instead of a random one: a save_pretrained folder, hub repo id or the authors' .pth")})
     # Bounds the wait when another process dies or stalls; torch's default, which also covers the barrier while the
     # main process alone loads the dataset.
     collective_timeout: float = field(default=1800.0, metadata={"help": (
@@ -96,6 +100,9 @@ class MetaTrainingConfig:
             raise ValueError(f"phi_weight_decay_start must be >= 0, got {self.phi_weight_decay_start}.")
         if self.phi_init_std is not None and not self.phi_init_std > 0:
             raise ValueError(f"phi_init_std must be positive, got {self.phi_init_std}.")
+        if self.phi_init_from and (self.phi_init_std is not None or self.phi_init_average != 1):
+            raise ValueError("phi_init_from starts from a given φ; drop phi_init_std and phi_init_average, which "
+                             "describe a random one.")
         for name in ("steps", "batch_size", "log_every", "keep_checkpoints", "phi_init_average"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -131,7 +138,10 @@ def create_accelerator(config: MetaTrainingConfig) -> Accelerator:
 
 
 def initial_phi(config: MetaTrainingConfig, phi_config: MetaPerturbConfig | None = None) -> MetaPerturbModel:
-    """φ before meta-training, the same on every process: the mean of `phi_init_average` seeded N(0, std) draws."""
+    """φ before meta-training, the same on every process: `phi_init_from` loaded, or the mean of `phi_init_average`
+    seeded N(0, std) draws."""
+    if config.phi_init_from:
+        return load_perturbation(config.phi_init_from)
     phi_config = phi_config or MetaPerturbConfig()
     if config.phi_init_std is not None:
         phi_config = MetaPerturbConfig(**{**phi_config.to_diff_dict(), "initializer_range": config.phi_init_std})

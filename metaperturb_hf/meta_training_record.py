@@ -8,7 +8,8 @@ META_TRAINING_FILE = "meta_training.json"
 
 # The MetaTrainingConfig fields a record keeps, in this order.
 _CONFIG_FIELDS = ("batch_size", "learning_rate", "weight_decay", "phi_weight_decay", "phi_weight_decay_mode",
-                  "phi_weight_decay_start", "phi_init_std", "phi_init_average", "image_size", "lookahead", "seed")
+                  "phi_weight_decay_start", "phi_init_std", "phi_init_average", "phi_init_from", "image_size",
+                  "lookahead", "seed")
 
 
 def build_record(config, tasks, steps: int, num_processes: int, wall_seconds: float, final_metrics: dict) -> dict:

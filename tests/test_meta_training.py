@@ -256,6 +256,17 @@ def test_phi_initial_value_averaged_over_draws_shrinks_by_its_square_root():
     assert 2.5 < std_one / std_averaged < 6  # sqrt(16) = 4 up to sampling noise over 82 numbers
 
 
+def test_meta_training_starts_from_a_given_phi(tmp_path):
+    given = initial_phi(MetaTrainingConfig(architectures=["conv4"], phi_init_std=0.2, seed=7))
+    given.save_pretrained(tmp_path / "given")
+    t = trainer(tmp_path, steps=1, phi_init_from=str(tmp_path / "given"))
+    for started, expected in zip(t.phi.parameters(), given.parameters()):
+        torch.testing.assert_close(started, expected)
+    t.train()
+    assert not torch.equal(t.phi.scale_weight, given.scale_weight)  # it trains from there
+    assert json.loads((tmp_path / "out" / "meta_training.json").read_text())["phi_init_from"] == str(tmp_path / "given")
+
+
 @pytest.mark.parametrize(("mode", "optimizer"), [("l2", torch.optim.Adam), ("decoupled", torch.optim.AdamW)])
 def test_phi_weight_decay_options(tmp_path, mode, optimizer):
     t = trainer(tmp_path, steps=3, phi_weight_decay=0.01, phi_weight_decay_mode=mode, phi_weight_decay_start=2)
@@ -275,3 +286,5 @@ def test_phi_options_are_validated():
         MetaTrainingConfig(architectures=["conv4"], phi_weight_decay_mode="adamw")
     with pytest.raises(ValueError, match="phi_init_average"):
         MetaTrainingConfig(architectures=["conv4"], phi_init_average=0)
+    with pytest.raises(ValueError, match="phi_init_from starts from a given φ"):
+        MetaTrainingConfig(architectures=["conv4"], phi_init_from="phi-folder", phi_init_std=0.1)
