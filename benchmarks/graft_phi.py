@@ -3,7 +3,9 @@ another (or none: μ = 0, noise that ignores the input), then transfer it like a
 
 φ has two parts (docs/method.md): the scale network (`stat_kernels` K and `scale_weight` w) sets s, the noise
 generator (`identity_kernels` λ and `mean_kernels` γ) sets μ in z = softplus(μ + ε). The graft keeps the config of
-`--scale-from` and takes λ and γ from `--noise-from`, or zeros them with `--noise-from zero`.
+`--scale-from` and takes λ and γ from `--noise-from`, or zeros them with `--noise-from zero`; `--noise-scale`
+multiplies both layers of the noise generator taken (μ scales with its square), e.g. to start meta-training from a
+shrunk copy of a φ and see whether it grows back (`examples/meta_train.py --phi-init-from`).
 
     python benchmarks/graft_phi.py --scale-from ../shared/reference/official_tin_resnet20_perturb_750.pth \
         --noise-from zero --output benchmarks/results/phi_graft/authors-s_mu0
@@ -20,8 +22,9 @@ from metaperturb_hf import load_perturbation
 NOISE_GENERATOR = ("identity_kernels", "mean_kernels")
 
 
-def graft(scale_from, noise_from):
-    """A copy of `scale_from` whose noise generator is `noise_from`'s, or zero where `noise_from` is None."""
+def graft(scale_from, noise_from, noise_scale=1.0):
+    """A copy of `scale_from` whose noise generator is `noise_scale` times `noise_from`'s, or zero where `noise_from`
+    is None."""
     phi = load_perturbation(scale_from)
     donor = None if noise_from is None else load_perturbation(noise_from)
     with torch.no_grad():
@@ -30,7 +33,7 @@ def graft(scale_from, noise_from):
             if donor is None:
                 parameter.zero_()
             else:
-                parameter.copy_(getattr(donor, name))
+                parameter.copy_(noise_scale * getattr(donor, name))
     return phi
 
 
@@ -39,11 +42,16 @@ def main(argv=None):
     parser.add_argument("--scale-from", required=True, help="φ whose scale network (K, w) the graft keeps")
     parser.add_argument("--noise-from", required=True,
                         help="φ whose noise generator (λ, γ) the graft takes, or 'zero' for μ = 0")
+    parser.add_argument("--noise-scale", type=float, default=1.0,
+                        help="factor on both noise-generator layers taken from --noise-from")
     parser.add_argument("--output", required=True, help="folder for the grafted φ (save_pretrained)")
     args = parser.parse_args(argv)
-    phi = graft(args.scale_from, None if args.noise_from == "zero" else args.noise_from)
+    if args.noise_scale <= 0:
+        parser.error(f"--noise-scale must be positive, got {args.noise_scale}")
+    phi = graft(args.scale_from, None if args.noise_from == "zero" else args.noise_from, args.noise_scale)
     phi.save_pretrained(args.output)
-    print(f"φ with the scale network of {args.scale_from} and noise generator {args.noise_from}: {args.output}")
+    scaled = f" × {args.noise_scale:g}" if args.noise_scale != 1 else ""
+    print(f"φ with the scale network of {args.scale_from} and noise generator {args.noise_from}{scaled}: {args.output}")
 
 
 if __name__ == "__main__":

@@ -32,3 +32,16 @@ def test_graft_takes_the_scale_network_of_one_and_the_noise_generator_of_the_oth
         expected = noise[name] if noise_from == "donor" else torch.zeros_like(noise[name])
         torch.testing.assert_close(graft[name], expected, rtol=0, atol=0)
     assert set(graft) == set(scale)  # nothing else in φ
+
+
+def test_noise_scale_shrinks_the_noise_generator_taken(script, tmp_path):
+    base = saved_phi(tmp_path / "base", 0)
+    script.main(["--scale-from", str(base), "--noise-from", str(base), "--noise-scale", "0.3",
+                 "--output", str(tmp_path / "shrunk")])
+    shrunk, original = (load_perturbation(path).state_dict() for path in (tmp_path / "shrunk", base))
+    for name in script.NOISE_GENERATOR:
+        torch.testing.assert_close(shrunk[name], 0.3 * original[name])
+    torch.testing.assert_close(shrunk["scale_weight"], original["scale_weight"], rtol=0, atol=0)
+    with pytest.raises(SystemExit):
+        script.main(["--scale-from", str(base), "--noise-from", "zero", "--noise-scale", "0",
+                     "--output", str(tmp_path / "bad")])
