@@ -413,6 +413,9 @@ class MetaTrainer:
         """Run until `steps` (or Ctrl-C, which checkpoints and returns with `interrupted` set); return φ."""
         accelerator, config = self.accelerator, self.config
         accelerator.init_trackers("meta_training", config=self._run_description())
+        for tracker in accelerator.trackers:
+            if isinstance(tracker, JsonlTracker):
+                tracker.drop_after(self.step)  # what a killed run logged past its last checkpoint
         accelerator.print(
             f"Meta-training φ on {self.num_tasks} tasks over {accelerator.num_processes} process(es) "
             f"({accelerator.distributed_type}, {accelerator.device}); architectures {config.architectures}."

@@ -1,6 +1,7 @@
 """An accelerate tracker that needs nothing installed: one JSON object per logged step."""
 
 import json
+import os
 from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
@@ -28,3 +29,12 @@ class JsonlTracker(GeneralTracker):
     def log(self, values: dict, step: int | None = None, **kwargs):
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def drop_after(self, step: int) -> None:
+        """Forget the lines of steps after `step`: a run resumed from its checkpoint at `step` logs them again."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        staging = self.path.with_suffix(".jsonl.tmp")
+        staging.write_text("".join(line + "\n" for line in kept))
+        os.replace(staging, self.path)

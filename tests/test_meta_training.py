@@ -166,6 +166,9 @@ def test_a_killed_run_resumes_to_the_same_phi(parquet_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout + resumed.stderr
     assert_same_phi(phi_of(tmp_path / "reference"), phi_of(tmp_path / "killed"), atol=1e-6)
+    logged = [[json.loads(line)["step"] for line in (tmp_path / run / "logs" / "metrics.jsonl").read_text().splitlines()]
+              for run in ("reference", "killed")]
+    assert logged[1] == logged[0] == list(range(1, 9))  # what the killed run logged past checkpoint-4 is not repeated
     record = (tmp_path / "killed" / "meta_training.json").read_text()
     again = run_script([*common, "--resume"], tmp_path / "killed")  # a finished run resumed: nothing is rewritten
     assert again.returncode == 0 and "Already finished at step 8" in again.stdout + again.stderr
