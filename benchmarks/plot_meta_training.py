@@ -5,12 +5,15 @@ origin is visible at a glance.
     python benchmarks/plot_meta_training.py RUN_DIR [RUN_DIR ...] --labels a,b --output curves.png
     python benchmarks/plot_meta_training.py RUN_DIR --gradient-medians 20,100,750   # numbers, no plot
     python benchmarks/plot_meta_training.py RUN_DIR [RUN_DIR ...] --sizes 50,100,150  # numbers, no plot
+    python benchmarks/plot_meta_training.py RUN_DIR [RUN_DIR ...] --overlay --output starts.png
 
 RUN_DIR is a meta-training output folder (with logs/metrics.jsonl) or a metrics .jsonl file itself.
 `--gradient-medians` prints, per run and per window of logged steps [a, b) between consecutive bounds, the median
 gradient norm of each of φ's groups: how much the loss still depends on each group, without one spike deciding.
 `--sizes` prints, per run and per logged step given, each group's mean |value|, the noise generator's size (the mean of
 |λ₁|, |λ₂|, |γ₁|, |γ₂|) and the range of the per-site mean z: whether runs (e.g. seeds) left the origin and stayed.
+`--overlay` draws those two over the steps in one figure, one line per run: many runs (seeds, starting points) compared
+at a glance.
 """
 
 import argparse
@@ -69,6 +72,33 @@ def sizes_at(rows: list[dict], steps: list[int]) -> list[dict]:
     return sizes
 
 
+def noise_generator_series(rows: list[dict]) -> tuple[list[int], list[float], list[float]]:
+    """The logged steps with φ statistics, the noise generator's size and the highest per-site mean z at each."""
+    steps = [row["step"] for row in rows if "phi/mean_abs_lambda1" in row]
+    sizes = sizes_at(rows, steps)
+    return steps, [size["noise_generator"] for size in sizes], [size["site_z"][1] for size in sizes]
+
+
+def plot_overlay(runs: dict[str, list[dict]], output: Path) -> None:
+    figure, (size_axis, z_axis) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for label, rows in runs.items():
+        steps, sizes, highest_z = noise_generator_series(rows)
+        line, = size_axis.plot(steps, sizes, label=label)
+        z_axis.plot(steps, highest_z, color=line.get_color(), label=label)
+    size_axis.set_yscale("log")
+    size_axis.set_ylabel("noise generator: mean |λ₁|, |λ₂|, |γ₁|, |γ₂|")
+    z_axis.axhline(0.8060, color="grey", linestyle=":", linewidth=1)  # E[softplus(ε)]: μ = 0, no input dependence
+    z_axis.set_ylabel("highest per-site mean z")
+    for axis in (size_axis, z_axis):
+        axis.set_xlabel("meta-training step")
+        axis.grid(alpha=0.3)
+    z_axis.legend(fontsize=7)
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
+    print(f"Wrote {output}")
+
+
 def plot_runs(runs: dict[str, list[dict]], output: Path) -> None:
     panels = ("loss", "phi magnitude", "per-site mean z", "per-site mean s", "phi gradient norm")
     figure, axes = plt.subplots(len(panels), len(runs), figsize=(4.5 * len(runs), 2.6 * len(panels)), squeeze=False,
@@ -118,6 +148,8 @@ def main(argv=None):
     numbers = parser.add_mutually_exclusive_group()  # either prints numbers instead of plotting
     numbers.add_argument("--gradient-medians", help="comma-separated step bounds: print median gradient norms per window")
     numbers.add_argument("--sizes", help="comma-separated logged steps: print φ's group sizes and per-site z range")
+    numbers.add_argument("--overlay", action="store_true",
+                         help="one figure: noise-generator size and highest per-site z, one line per run")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [Path(run).name for run in args.runs]
     if len(labels) != len(args.runs):
@@ -133,6 +165,8 @@ def main(argv=None):
         for label, rows in runs.items():
             for size in sizes_at(rows, steps):
                 print(json.dumps({"run": label, **{key: _rounded(value) for key, value in size.items()}}))
+    elif args.overlay:
+        plot_overlay(runs, args.output)
     else:
         plot_runs(runs, args.output)
 

@@ -1,6 +1,8 @@
 """benchmarks/plot_meta_training.py: the median gradient norm per group and window of logged steps, and φ's group sizes
 at given steps."""
 
+import json
+
 import pytest
 from script_loading import load_script
 
@@ -33,3 +35,17 @@ def test_sizes_average_the_noise_generator_only_and_span_the_sites():
 def test_sizes_name_unlogged_steps():
     with pytest.raises(SystemExit, match=r"Steps \[7\] are not logged"):
         plot_meta_training.sizes_at([_row(5, (0, 0, 0, 0), (0.8,))], [5, 7])
+
+
+def test_overlay_series_skip_rows_without_phi_statistics_and_take_the_highest_z(tmp_path):
+    rows = [{"step": 1, "valid_accuracy": 0.1}, _row(5, (0.01, 0.02, 0.03, 0.06), (0.81, 0.84, 0.90)),
+            _row(10, (0.0, 0.0, 0.0, 0.0), (0.806, 0.806))]
+    steps, sizes, highest_z = plot_meta_training.noise_generator_series(rows)
+    assert steps == [5, 10] and sizes == pytest.approx([0.03, 0.0]) and highest_z == [0.90, 0.806]
+    plot_meta_training.main([str(_write(tmp_path / "a.jsonl", rows)), "--overlay", "--output", str(tmp_path / "o.png")])
+    assert (tmp_path / "o.png").stat().st_size > 0
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
