@@ -5,7 +5,7 @@ origin is visible at a glance.
     python benchmarks/plot_meta_training.py RUN_DIR [RUN_DIR ...] --labels a,b --output curves.png
     python benchmarks/plot_meta_training.py RUN_DIR --gradient-medians 20,100,750   # numbers, no plot
     python benchmarks/plot_meta_training.py RUN_DIR [RUN_DIR ...] --sizes 50,100,150  # numbers, no plot
-    python benchmarks/plot_meta_training.py RUN_DIR [RUN_DIR ...] --overlay --output starts.png
+    python benchmarks/plot_meta_training.py RUN_DIR [RUN_DIR ...] --overlay [--max-step 250] --output starts.png
 
 RUN_DIR is a meta-training output folder (with logs/metrics.jsonl) or a metrics .jsonl file itself.
 `--gradient-medians` prints, per run and per window of logged steps [a, b) between consecutive bounds, the median
@@ -79,10 +79,10 @@ def noise_generator_series(rows: list[dict]) -> tuple[list[int], list[float], li
     return steps, [size["noise_generator"] for size in sizes], [size["site_z"][1] for size in sizes]
 
 
-def plot_overlay(runs: dict[str, list[dict]], output: Path) -> None:
+def plot_overlay(runs: dict[str, list[dict]], output: Path, max_step: int | None = None) -> None:
     figure, (size_axis, z_axis) = plt.subplots(1, 2, figsize=(12, 4.2))
     for label, rows in runs.items():
-        steps, sizes, highest_z = noise_generator_series(rows)
+        steps, sizes, highest_z = noise_generator_series([row for row in rows if max_step is None or row["step"] <= max_step])
         line, = size_axis.plot(steps, sizes, label=label)
         z_axis.plot(steps, highest_z, color=line.get_color(), label=label)
     size_axis.set_yscale("log")
@@ -150,6 +150,7 @@ def main(argv=None):
     numbers.add_argument("--sizes", help="comma-separated logged steps: print φ's group sizes and per-site z range")
     numbers.add_argument("--overlay", action="store_true",
                          help="one figure: noise-generator size and highest per-site z, one line per run")
+    parser.add_argument("--max-step", type=int, help="plot steps up to this one only")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [Path(run).name for run in args.runs]
     if len(labels) != len(args.runs):
@@ -166,7 +167,7 @@ def main(argv=None):
             for size in sizes_at(rows, steps):
                 print(json.dumps({"run": label, **{key: _rounded(value) for key, value in size.items()}}))
     elif args.overlay:
-        plot_overlay(runs, args.output)
+        plot_overlay(runs, args.output, args.max_step)
     else:
         plot_runs(runs, args.output)
 

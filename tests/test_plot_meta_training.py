@@ -42,7 +42,8 @@ def test_overlay_series_skip_rows_without_phi_statistics_and_take_the_highest_z(
             _row(10, (0.0, 0.0, 0.0, 0.0), (0.806, 0.806))]
     steps, sizes, highest_z = plot_meta_training.noise_generator_series(rows)
     assert steps == [5, 10] and sizes == pytest.approx([0.03, 0.0]) and highest_z == [0.90, 0.806]
-    plot_meta_training.main([str(_write(tmp_path / "a.jsonl", rows)), "--overlay", "--output", str(tmp_path / "o.png")])
+    plot_meta_training.main([str(_write(tmp_path / "a.jsonl", rows)), "--overlay", "--max-step", "5",
+                             "--output", str(tmp_path / "o.png")])
     assert (tmp_path / "o.png").stat().st_size > 0
 
 
