@@ -31,10 +31,19 @@ class JsonlTracker(GeneralTracker):
             f.write(json.dumps({"step": step, **values}) + "\n")
 
     def drop_after(self, step: int) -> None:
-        """Forget the lines of steps after `step`: a run resumed from its checkpoint at `step` logs them again."""
+        """Forget the lines of steps after `step`: a run resumed from its checkpoint at `step` logs them again. A line
+        a kill cut short is dropped too."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        logged = [(line, _logged_step(line)) for line in self.path.read_text().splitlines()]
+        kept = [line for line, at in logged if at is not None and at <= step]
         staging = self.path.with_suffix(".jsonl.tmp")
         staging.write_text("".join(line + "\n" for line in kept))
         os.replace(staging, self.path)
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
