@@ -10,21 +10,14 @@
 # end later than that (benchmarks/run_grid_1500.sh explains how).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${DATA:-../shared/data}
 REFERENCE=${REFERENCE:-../shared/reference}
-declare -A TARGET_PATHS=([cub]="$DATA/cub200_2011_first50_32" [cifar10]="$DATA/cifar10_32:50"
-                         [omniglot]="$DATA/omniglot_bg_small_32")
-targets=""
-TARGETS=${TARGETS:-}
-for name in ${TARGETS//,/ }; do
-  [[ -n "${TARGET_PATHS[$name]:-}" ]] || { echo "TARGETS names cub, cifar10 or omniglot, got '$name'" >&2; exit 2; }
-  targets+="${targets:+,}$name=${TARGET_PATHS[$name]}"
-done
+source benchmarks/targets.sh
+targets=$(target_specs "${TARGETS:-cub,cifar10,omniglot}")
 CLAIMS=$(mktemp -d)
 trap 'rm -rf "$CLAIMS"' EXIT
 for worker in 0 1; do
   OMP_NUM_THREADS=1 python benchmarks/transfer_grid.py --name grid_1500 \
-    --targets "${targets:-cub=${TARGET_PATHS[cub]},cifar10=${TARGET_PATHS[cifar10]},omniglot=${TARGET_PATHS[omniglot]}}" \
+    --targets "$targets" \
     --archs resnet20 --methods metaperturb \
     --perturbations "${PHI:-authors-tin-resnet20=$REFERENCE/official_tin_resnet20_perturb_750.pth}" \
     --placements all,top:3,bottom:3,top_bottom:3 --seeds "${SEEDS:-0,1,2}" --steps 1500 --mc-samples 10 --threads 1 \

@@ -13,14 +13,8 @@ DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/two-stage}
 STAGE2_STEPS=${STAGE2_STEPS:-250}
 PHI=benchmarks/results/phi_two_stage
-declare -A TARGET_PATHS=([cub]="$DATA/cub200_2011_first50_32" [cifar10]="$DATA/cifar10_32:50"
-                         [omniglot]="$DATA/omniglot_bg_small_32")
-targets=""
-TARGETS=${TARGETS:-omniglot,cub}
-for name in ${TARGETS//,/ }; do
-  [[ -n "${TARGET_PATHS[$name]:-}" ]] || { echo "TARGETS names cub, cifar10 or omniglot, got '$name'" >&2; exit 2; }
-  targets+="${targets:+,}$name=${TARGET_PATHS[$name]}"
-done
+source benchmarks/targets.sh
+targets=$(target_specs "${TARGETS:-omniglot,cub}")
 
 if [[ ! -f "$OUT/start/model.safetensors" ]]; then
   python benchmarks/structured_phi.py --gain "${GAIN:-0.05}" --output "$OUT/structured-mu"
