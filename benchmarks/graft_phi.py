@@ -5,7 +5,8 @@ another (or none: μ = 0, noise that ignores the input), then transfer it like a
 generator (`identity_kernels` λ and `mean_kernels` γ) sets μ in z = softplus(μ + ε). The graft keeps the config of
 `--scale-from` and takes λ and γ from `--noise-from`, or zeros them with `--noise-from zero`; `--noise-scale`
 multiplies both layers of the noise generator taken (μ scales with its square), e.g. to start meta-training from a
-shrunk copy of a φ and see whether it grows back (`examples/meta_train.py --phi-init-from`).
+shrunk copy of a φ and see whether it grows back (`examples/meta_train.py --phi-init-from`); `--flatten-noise` keeps
+each kernel's sum but not its spatial profile, to tell which of the two such a start needs.
 
     python benchmarks/graft_phi.py --scale-from ../shared/reference/official_tin_resnet20_perturb_750.pth \
         --noise-from zero --output benchmarks/results/phi_graft/authors-s_mu0
@@ -22,9 +23,10 @@ from metaperturb_hf import load_perturbation
 NOISE_GENERATOR = ("identity_kernels", "mean_kernels")
 
 
-def graft(scale_from, noise_from, noise_scale=1.0):
+def graft(scale_from, noise_from, noise_scale=1.0, flatten_noise=False):
     """A copy of `scale_from` whose noise generator is `noise_scale` times `noise_from`'s, or zero where `noise_from`
-    is None."""
+    is None; `flatten_noise` sets every tap of each 3×3 kernel taken to that kernel's mean (its sum kept, its spatial
+    profile dropped)."""
     phi = load_perturbation(scale_from)
     donor = None if noise_from is None else load_perturbation(noise_from)
     with torch.no_grad():
@@ -33,7 +35,10 @@ def graft(scale_from, noise_from, noise_scale=1.0):
             if donor is None:
                 parameter.zero_()
             else:
-                parameter.copy_(noise_scale * getattr(donor, name))
+                kernels = noise_scale * getattr(donor, name)
+                if flatten_noise:
+                    kernels = kernels.mean(dim=(-2, -1), keepdim=True).expand_as(kernels)
+                parameter.copy_(kernels)
     return phi
 
 
@@ -44,13 +49,20 @@ def main(argv=None):
                         help="φ whose noise generator (λ, γ) the graft takes, or 'zero' for μ = 0")
     parser.add_argument("--noise-scale", type=float, default=1.0,
                         help="factor on both noise-generator layers taken from --noise-from")
+    parser.add_argument("--flatten-noise", action="store_true",
+                        help="set every tap of each noise-generator kernel taken to the kernel's mean (which matters: "
+                             "the values or their spatial profile?)")
     parser.add_argument("--output", required=True, help="folder for the grafted φ (save_pretrained)")
     args = parser.parse_args(argv)
     if args.noise_scale <= 0:
         parser.error(f"--noise-scale must be positive, got {args.noise_scale}")
-    phi = graft(args.scale_from, None if args.noise_from == "zero" else args.noise_from, args.noise_scale)
+    if args.flatten_noise and args.noise_from == "zero":
+        parser.error("--flatten-noise needs a φ in --noise-from, not 'zero'")
+    phi = graft(args.scale_from, None if args.noise_from == "zero" else args.noise_from, args.noise_scale,
+                args.flatten_noise)
     phi.save_pretrained(args.output)
     scaled = f" × {args.noise_scale:g}" if args.noise_scale != 1 else ""
+    scaled += ", each kernel flattened to its mean" if args.flatten_noise else ""
     print(f"φ with the scale network of {args.scale_from} and noise generator {args.noise_from}{scaled}: {args.output}")
 
 

@@ -45,3 +45,16 @@ def test_noise_scale_shrinks_the_noise_generator_taken(script, tmp_path):
     with pytest.raises(SystemExit):
         script.main(["--scale-from", str(base), "--noise-from", "zero", "--noise-scale", "0",
                      "--output", str(tmp_path / "bad")])
+
+
+def test_flatten_noise_keeps_each_kernels_sum_and_drops_its_profile(script, tmp_path):
+    base, donor = saved_phi(tmp_path / "base", 0), saved_phi(tmp_path / "donor", 1)
+    script.main(["--scale-from", str(base), "--noise-from", str(donor), "--noise-scale", "0.5", "--flatten-noise",
+                 "--output", str(tmp_path / "flat")])
+    flat, noise = (load_perturbation(path).state_dict() for path in (tmp_path / "flat", donor))
+    for name in script.NOISE_GENERATOR:
+        torch.testing.assert_close(flat[name].sum(dim=(-2, -1)), 0.5 * noise[name].sum(dim=(-2, -1)))
+        assert torch.equal(flat[name], flat[name][..., :1, :1].expand_as(flat[name]))  # every tap the same
+    with pytest.raises(SystemExit):
+        script.main(["--scale-from", str(base), "--noise-from", "zero", "--flatten-noise",
+                     "--output", str(tmp_path / "bad")])
