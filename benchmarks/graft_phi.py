@@ -6,7 +6,8 @@ generator (`identity_kernels` λ and `mean_kernels` γ) sets μ in z = softplus(
 `--scale-from` and takes λ and γ from `--noise-from`, or zeros them with `--noise-from zero`; `--noise-scale`
 multiplies both layers of the noise generator taken (μ scales with its square), e.g. to start meta-training from a
 shrunk copy of a φ and see whether it grows back (`examples/meta_train.py --phi-init-from`); `--flatten-noise` keeps
-each kernel's sum but not its spatial profile, to tell which of the two such a start needs.
+each kernel's sum but not its spatial profile, to tell which of the two such a start needs; `--set` edits single
+filters or weights after the graft (e.g. which of the scale network's statistics a start needs).
 
     python benchmarks/graft_phi.py --scale-from ../shared/reference/official_tin_resnet20_perturb_750.pth \
         --noise-from zero --output benchmarks/results/phi_graft/authors-s_mu0
@@ -15,12 +16,14 @@ each kernel's sum but not its spatial profile, to tell which of the two such a s
 """
 
 import argparse
+import re
 
 import torch
 
 from metaperturb_hf import load_perturbation
 
 NOISE_GENERATOR = ("identity_kernels", "mean_kernels")
+SETTING = re.compile(r"^(?P<name>\w+)\[(?P<index>\d+)\]=(?P<value>\S+)$")
 
 
 def graft(scale_from, noise_from, noise_scale=1.0, flatten_noise=False):
@@ -42,6 +45,32 @@ def graft(scale_from, noise_from, noise_scale=1.0, flatten_noise=False):
     return phi
 
 
+def parse_setting(text: str, phi) -> tuple[str, int, float]:
+    """`scale_weight[7]=0` -> ("scale_weight", 7, 0.0), checked against φ's parameters."""
+    match = SETTING.match(text)
+    names = ", ".join(name for name, _ in phi.named_parameters())
+    if match is None:
+        raise ValueError(f"--set takes NAME[INDEX]=VALUE, e.g. scale_weight[7]=0 (NAME one of {names}), got '{text}'")
+    name, index = match["name"], int(match["index"])
+    parameter = dict(phi.named_parameters()).get(name)
+    if parameter is None:
+        raise ValueError(f"--set names a parameter of φ ({names}), got '{name}' in '{text}'")
+    if index >= parameter.shape[0]:
+        raise ValueError(f"--set: {name} has {parameter.shape[0]} entries along its first axis, got index {index}")
+    try:
+        value = float(match["value"])
+    except ValueError:
+        raise ValueError(f"--set: '{match['value']}' in '{text}' is not a number") from None
+    return name, index, value
+
+
+def apply_settings(phi, settings: list[str]) -> None:
+    """Set entry INDEX along the first axis of each named parameter (every tap of a kernel) to VALUE."""
+    with torch.no_grad():
+        for name, index, value in [parse_setting(text, phi) for text in settings]:
+            getattr(phi, name)[index] = value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale-from", required=True, help="φ whose scale network (K, w) the graft keeps")
@@ -52,6 +81,9 @@ def main(argv=None):
     parser.add_argument("--flatten-noise", action="store_true",
                         help="set every tap of each noise-generator kernel taken to the kernel's mean (which matters: "
                              "the values or their spatial profile?)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME[INDEX]=VALUE",
+                        help="after the graft, set entry INDEX along the first axis of φ's parameter NAME (all taps "
+                             "of a kernel) to VALUE; repeatable, e.g. --set stat_kernels[3]=0.24 --set scale_weight[7]=0")
     parser.add_argument("--output", required=True, help="folder for the grafted φ (save_pretrained)")
     args = parser.parse_args(argv)
     if args.noise_scale <= 0:
@@ -60,9 +92,14 @@ def main(argv=None):
         parser.error("--flatten-noise needs a φ in --noise-from, not 'zero'")
     phi = graft(args.scale_from, None if args.noise_from == "zero" else args.noise_from, args.noise_scale,
                 args.flatten_noise)
+    try:
+        apply_settings(phi, args.set)
+    except ValueError as error:
+        parser.error(str(error))
     phi.save_pretrained(args.output)
     scaled = f" × {args.noise_scale:g}" if args.noise_scale != 1 else ""
     scaled += ", each kernel flattened to its mean" if args.flatten_noise else ""
+    scaled += "".join(f", {setting}" for setting in args.set)
     print(f"φ with the scale network of {args.scale_from} and noise generator {args.noise_from}{scaled}: {args.output}")
 
 

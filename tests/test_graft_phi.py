@@ -58,3 +58,26 @@ def test_flatten_noise_keeps_each_kernels_sum_and_drops_its_profile(script, tmp_
     with pytest.raises(SystemExit):
         script.main(["--scale-from", str(base), "--noise-from", "zero", "--flatten-noise",
                      "--output", str(tmp_path / "bad")])
+
+
+def test_set_edits_one_filter_or_weight_after_the_graft(script, tmp_path):
+    base = saved_phi(tmp_path / "base", 0)
+    script.main(["--scale-from", str(base), "--noise-from", str(base), "--set", "stat_kernels[3]=0.25",
+                 "--set", "scale_weight[7]=0", "--output", str(tmp_path / "edited")])
+    edited, original = (load_perturbation(path).state_dict() for path in (tmp_path / "edited", base))
+    assert torch.equal(edited["stat_kernels"][3], torch.full_like(original["stat_kernels"][3], 0.25))
+    torch.testing.assert_close(edited["stat_kernels"][:3], original["stat_kernels"][:3], rtol=0, atol=0)
+    assert edited["scale_weight"][7] == 0
+    keep = [i for i in range(10) if i != 7]
+    torch.testing.assert_close(edited["scale_weight"][keep], original["scale_weight"][keep], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("setting, complaint", [("scale_weight[10]=0", "10 entries"), ("bias[0]=1", "names a parameter"),
+                                                ("scale_weight[0]=x", "not a number"), ("scale_weight=0", "NAME[INDEX]")])
+def test_set_refuses_what_phi_does_not_have(script, tmp_path, capsys, setting, complaint):
+    base = saved_phi(tmp_path / "base", 0)
+    with pytest.raises(SystemExit):
+        script.main(["--scale-from", str(base), "--noise-from", "zero", "--set", setting,
+                     "--output", str(tmp_path / "bad")])
+    assert complaint in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
