@@ -48,11 +48,12 @@ def graft(scale_from, noise_from, noise_scale=1.0, flatten_noise=False):
 def parse_setting(text: str, phi) -> tuple[str, int, float]:
     """`scale_weight[7]=0` -> ("scale_weight", 7, 0.0), checked against φ's parameters."""
     match = SETTING.match(text)
-    names = ", ".join(name for name, _ in phi.named_parameters())
+    parameters = dict(phi.named_parameters())
+    names = ", ".join(parameters)
     if match is None:
         raise ValueError(f"--set takes NAME[INDEX]=VALUE, e.g. scale_weight[7]=0 (NAME one of {names}), got '{text}'")
     name, index = match["name"], int(match["index"])
-    parameter = dict(phi.named_parameters()).get(name)
+    parameter = parameters.get(name)
     if parameter is None:
         raise ValueError(f"--set names a parameter of φ ({names}), got '{name}' in '{text}'")
     if index >= parameter.shape[0]:

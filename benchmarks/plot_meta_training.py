@@ -150,7 +150,7 @@ def main(argv=None):
     numbers.add_argument("--sizes", help="comma-separated logged steps: print φ's group sizes and per-site z range")
     numbers.add_argument("--overlay", action="store_true",
                          help="one figure: noise-generator size and highest per-site z, one line per run")
-    parser.add_argument("--max-step", type=int, help="plot steps up to this one only")
+    parser.add_argument("--max-step", type=int, help="with --overlay: plot steps up to this one only")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [Path(run).name for run in args.runs]
     if len(labels) != len(args.runs):

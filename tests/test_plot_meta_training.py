@@ -37,13 +37,17 @@ def test_sizes_name_unlogged_steps():
         plot_meta_training.sizes_at([_row(5, (0, 0, 0, 0), (0.8,))], [5, 7])
 
 
-def test_overlay_series_skip_rows_without_phi_statistics_and_take_the_highest_z(tmp_path):
+def test_overlay_series_skip_rows_without_phi_statistics_and_take_the_highest_z(tmp_path, monkeypatch):
     rows = [{"step": 1, "valid_accuracy": 0.1}, _row(5, (0.01, 0.02, 0.03, 0.06), (0.81, 0.84, 0.90)),
             _row(10, (0.0, 0.0, 0.0, 0.0), (0.806, 0.806))]
     steps, sizes, highest_z = plot_meta_training.noise_generator_series(rows)
     assert steps == [5, 10] and sizes == pytest.approx([0.03, 0.0]) and highest_z == [0.90, 0.806]
+    plotted = []
+    series = plot_meta_training.noise_generator_series
+    monkeypatch.setattr(plot_meta_training, "noise_generator_series", lambda rows: plotted.append(series(rows)[0]) or series(rows))
     plot_meta_training.main([str(_write(tmp_path / "a.jsonl", rows)), "--overlay", "--max-step", "5",
                              "--output", str(tmp_path / "o.png")])
+    assert plotted == [[5]]  # step 10 is past --max-step
     assert (tmp_path / "o.png").stat().st_size > 0
 
 
