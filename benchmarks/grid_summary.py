@@ -20,6 +20,8 @@ single pass come to MC, does it beat the other regularizers, and where should φ
 
     python benchmarks/grid_summary.py benchmarks/results/grid_1500.jsonl [--output benchmarks/results/grid_1500_summary.md]
         [--chart benchmarks/results/grid_1500_gains.png]
+    python benchmarks/grid_summary.py benchmarks/results/gated_1500.jsonl --baseline benchmarks/results/grid_1500.jsonl
+        # a side experiment's φ, paired with the grid's none runs
 """
 
 import argparse
@@ -133,8 +135,8 @@ def placement_table(records: list[dict]) -> str:
             cells[(record["target"], record["arch"], source)][placement].append(100 * record["accuracy"])
     rows = {key: columns for key, columns in cells.items() if set(columns) != {"all"}}
     placements = sorted({placement for columns in rows.values() for placement in columns} - {"all"})
-    lines = ["| target | network | φ | none | all sites | " + " | ".join(placements) + " |",
-             "|---|---|---|---|---|" + "---|" * len(placements)]
+    header = ["target", "network", "φ", "none", "all sites", *placements]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (target, arch, source), columns in sorted(rows.items()):
         values = [none.get((target, arch)), *(columns.get(placement) for placement in ("all", *placements))]
         lines.append(f"| {target} | {arch} | {source} | " + " | ".join(mean_with_seeds(v) if v else "–" for v in values)
@@ -225,12 +227,19 @@ def gain_chart(records: list[dict], path: Path) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("records", help="a transfer grid's JSONL records")
+    parser.add_argument("--baseline", action="append", default=[], metavar="RECORDS",
+                        help="also read the no-perturbation runs (method none, nothing else) from these JSONL records, "
+                             "so that a side experiment is paired with the grid's none runs (repeatable)")
     parser.add_argument("--output", help="also write the tables to this markdown file")
     parser.add_argument("--chart", help="also draw the headline's gains over none, paired by seed, to this PNG")
     args = parser.parse_args()
     records = load_records(args.records)
     if not records:
         parser.error(f"no records in {args.records}")
+    for path in args.baseline:
+        if not Path(path).is_file():
+            parser.error(f"--baseline {path}: no such records file")
+    records += [record for path in args.baseline for record in load_records(path) if record["method"] == "none"]
     text = (f"Every regularizer at its default setting against no perturbation (points over none's mean "
             f"accuracy %, paired by seed: mean ± std, seeds with a gain):\n\n{headline_table(records)}\n"
             f"Expected calibration error (15 bins), means over seeds, lowest in bold:\n\n{calibration_table(records)}\n"

@@ -4,7 +4,8 @@
 #   1. STEPS meta-training steps from the φ in START (`--phi-init-from`), the authors' protocol otherwise, in
 #      OUT/phi (resumes when rerun, THREADS default 2); the φ, its meta_training.json and its log are copied to PHI;
 #   2. its transfer to TARGETS (default omniglot,cub) with ResNet-20 at 1500 steps, SEEDS (default 0,1,2), two
-#      resumable workers, into benchmarks/results/NAME.jsonl under the perturbation name LABEL.
+#      resumable workers, into benchmarks/results/NAME.jsonl under the perturbation name LABEL; NAME_summary.md pairs
+#      it by seed with the grid's none runs (grid_summary.py --baseline).
 #   START=runs/x/start OUT=runs/x STEPS=750 PHI=benchmarks/results/phi_x NAME=x_1500 LABEL=x bash benchmarks/run_from_start.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,3 +35,5 @@ for worker in 0 1; do
 done
 wait
 python benchmarks/transfer_grid.py --name "$NAME" --report
+python benchmarks/grid_summary.py "benchmarks/results/$NAME.jsonl" --baseline benchmarks/results/grid_1500.jsonl \
+  --output "benchmarks/results/${NAME}_summary.md" > /dev/null

@@ -128,7 +128,8 @@ def run_transfer(
     device: str | torch.device | None = None,
 ) -> list[dict]:
     """Train one (method, arch, seed) run and return its evaluation records (two for MetaPerturb: MC and single pass,
-    or MC alone, with a warning, where every single-pass candidate gives NaN or Inf).
+    or MC alone, with a warning, where every single-pass candidate gives NaN or Inf or the calibration under the
+    expected noise overflows).
 
     MetaPerturb's single pass uses the statistics `evaluate_single_pass` chooses (calibrated or from training); its
     record also holds the accuracy with each and that of the classifier alone calibrated without noise.

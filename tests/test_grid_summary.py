@@ -1,7 +1,11 @@
 """benchmarks/grid_summary.py: gains paired by seed, and the single pass against MC, from a grid's records."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("grid_summary", ROOT / "benchmarks" / "grid_summary.py")
@@ -97,3 +101,23 @@ def test_calibration_is_compared_between_none_and_the_default_settings_with_the_
     lines = grid_summary.calibration_table(records).splitlines()
     assert lines[0] == "| target | network | none | metaperturb [phi] | dropout |"
     assert lines[2:] == ["| cub | conv4 | 0.250 | **0.100** | 0.400 |"]  # omniglot has no none: no row
+
+
+def test_a_baseline_file_lends_only_its_none_runs(tmp_path, monkeypatch, capsys):
+    def write(path, records):
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    side, grid = tmp_path / "side.jsonl", tmp_path / "grid.jsonl"
+    write(side, [record("metaperturb", 0, 0.33, "gated", ece=0.1), record("metaperturb", 1, 0.41, "gated", ece=0.1)])
+    write(grid, [record("none", 0, 0.30, ece=0.2), record("none", 1, 0.40, ece=0.2),
+                 record("metaperturb", 0, 0.90, "phi-of-the-grid", ece=0.1)])
+    monkeypatch.setattr(sys, "argv", ["grid_summary.py", str(side), "--baseline", str(grid)])
+    grid_summary.main()
+    text = capsys.readouterr().out
+    assert "| cub | conv4 | gated | +2.00 ± 1.41 | 2 of 2 |" in text
+    assert "phi-of-the-grid" not in text  # the baseline's MetaPerturb runs stay out
+
+    monkeypatch.setattr(sys, "argv", ["grid_summary.py", str(side), "--baseline", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(SystemExit):
+        grid_summary.main()
+    assert "missing.jsonl: no such records file" in capsys.readouterr().err
