@@ -14,7 +14,7 @@ from torch import nn
 from .architectures import create_model
 from .data import ImageTensors
 from .evaluation import evaluate, normalized_batches
-from .injection import MATCHED, PerturbedModel, add_perturbation
+from .injection import MATCHED, SINGLE_PASS_BLEND_WEIGHTS, PerturbedModel, add_perturbation
 from .modeling_metaperturb import MetaPerturbModel, NonFiniteFeaturesError
 from .regularizers import REGULARIZERS, add_regularizer
 from .site_wrapper import SiteWrapper
@@ -82,8 +82,10 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     (`agreement_by_weight`) is kept. `accuracy_by_weight` is the test accuracy of every candidate, so that
     `uncalibrated_accuracy` (weight 0), `calibrated_accuracy` (weight 1) and `matched_accuracy` are three of them.
     `noise_off_calibrated_accuracy`: the classifier alone (κ = 0, the cost of a plain forward) with statistics
-    calibrated at κ = 0. A candidate with which the single pass gives NaN or Inf has accuracy None. The model is
-    left in "mean" mode with the chosen statistics, at the κ it came with.
+    calibrated at κ = 0. A candidate with which the single pass gives NaN or Inf has accuracy None. Where the
+    calibration itself overflows (a φ whose expected noise makes residual features grow from block to block; unlike
+    training, the calibration has no clamp), the statistics from training are the only candidate and
+    `calibration_batches` is 0. The model is left in "mean" mode with the chosen statistics, at the κ it came with.
     """
     model.set_noise_mode("mean")
     kappa = model.noise_coeff
@@ -91,9 +93,15 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
     noise_off = evaluate(model, test)["accuracy"]
     model.set_noise_coeff(kappa)
-    used = model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
+    try:
+        used = model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
+        weights, match_moments = SINGLE_PASS_BLEND_WEIGHTS, True
+    except NonFiniteFeaturesError as error:  # no calibrated or matched statistics; those from training remain
+        logger.warning("The single pass keeps the statistics from training, its calibration overflowed: %s", error)
+        used, weights, match_moments = 0, (0.0,), False
     calibrated, draws = model.single_pass_statistics, max(2, mc_samples)
-    candidates = model.single_pass_candidates(normalized_batches(train, batch_size), draws, CALIBRATION_BATCHES)
+    candidates = model.single_pass_candidates(normalized_batches(train, batch_size), draws, CALIBRATION_BATCHES,
+                                              weights, match_moments)
     by_candidate = {}
     for key, statistics in candidates.items():
         model.single_pass_statistics = statistics
@@ -108,8 +116,8 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     return {**by_candidate[choice["weight"]], "single_pass_weight": choice["weight"],
             "agreement_by_weight": {str(key): value for key, value in choice["agreements"].items()},
             "accuracy_by_weight": {str(key): value for key, value in accuracy.items()},
-            "uncalibrated_accuracy": accuracy[0.0], "calibrated_accuracy": accuracy[1.0],
-            "matched_accuracy": accuracy[MATCHED], "noise_off_calibrated_accuracy": noise_off,
+            "uncalibrated_accuracy": accuracy[0.0], "calibrated_accuracy": accuracy.get(1.0),
+            "matched_accuracy": accuracy.get(MATCHED), "noise_off_calibrated_accuracy": noise_off,
             "calibration_batches": used}
 
 
@@ -128,8 +136,7 @@ def run_transfer(
     device: str | torch.device | None = None,
 ) -> list[dict]:
     """Train one (method, arch, seed) run and return its evaluation records (two for MetaPerturb: MC and single pass,
-    or MC alone, with a warning, where every single-pass candidate gives NaN or Inf or the calibration under the
-    expected noise overflows).
+    or MC alone, with a warning, where every single-pass candidate gives NaN or Inf).
 
     MetaPerturb's single pass uses the statistics `evaluate_single_pass` chooses (calibrated or from training); its
     record also holds the accuracy with each and that of the classifier alone calibrated without noise.

@@ -381,3 +381,28 @@ def test_run_transfer_keeps_what_survives_statistics_that_break_the_single_pass(
         single = records[1]
         assert single["accuracy_by_weight"]["0.5"] is None and single["agreement_by_weight"]["0.5"] is None
         assert single["single_pass_weight"] != 0.5 and 0 <= single["accuracy"] <= 1
+
+
+def test_a_calibration_that_overflows_leaves_the_statistics_from_training_as_the_single_pass(perturbation, monkeypatch,
+                                                                                             caplog):
+    """A φ whose expected noise overflows the calibration's pass still gets a single-pass record (a = 0 alone)."""
+    from test_transfer import separable_data
+
+    from metaperturb_hf.methods import run_transfer
+    from metaperturb_hf.transfer import TransferConfig
+
+    calibrate = PerturbedModel.calibrate_single_pass
+
+    def overflowing_under_noise(self, *args, **kwargs):
+        if self.noise_coeff > 0:  # the noise-off calibration (κ = 0) still works
+            raise NonFiniteFeaturesError("At perturbation site 'act4' (32 channels): hidden_states contains NaN or Inf")
+        return calibrate(self, *args, **kwargs)
+
+    monkeypatch.setattr(PerturbedModel, "calibrate_single_pass", overflowing_under_noise)
+    train, test = separable_data(n_per_class=8), separable_data(n_per_class=4)
+    mc, single = run_transfer("metaperturb", "conv4", train, test, TransferConfig(steps=4, batch_size=8), perturbation,
+                              mc_samples=3)
+    assert single["method"] == "metaperturb_single_pass" and single["single_pass_weight"] == 0.0
+    assert list(single["accuracy_by_weight"]) == ["0.0"] and single["accuracy"] == single["uncalibrated_accuracy"]
+    assert single["calibrated_accuracy"] is None and single["matched_accuracy"] is None
+    assert single["calibration_batches"] == 0 and "calibration overflowed" in caplog.text
