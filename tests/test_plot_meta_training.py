@@ -42,9 +42,14 @@ def test_overlay_series_skip_rows_without_phi_statistics_and_take_the_highest_z(
             _row(10, (0.0, 0.0, 0.0, 0.0), (0.806, 0.806))]
     steps, sizes, highest_z = plot_meta_training.noise_generator_series(rows)
     assert steps == [5, 10] and sizes == pytest.approx([0.03, 0.0]) and highest_z == [0.90, 0.806]
-    plotted = []
-    series = plot_meta_training.noise_generator_series
-    monkeypatch.setattr(plot_meta_training, "noise_generator_series", lambda rows: plotted.append(series(rows)[0]) or series(rows))
+    plotted, series = [], plot_meta_training.noise_generator_series
+
+    def recording_series(rows):
+        result = series(rows)
+        plotted.append(result[0])
+        return result
+
+    monkeypatch.setattr(plot_meta_training, "noise_generator_series", recording_series)
     plot_meta_training.main([str(_write(tmp_path / "a.jsonl", rows)), "--overlay", "--max-step", "5",
                              "--output", str(tmp_path / "o.png")])
     assert plotted == [[5]]  # step 10 is past --max-step
