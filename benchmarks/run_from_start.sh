@@ -1,8 +1,9 @@
 #!/bin/bash
 # Meta-train a ResNet-20 φ from a given start, then transfer it: the shared second half of run_two_stage.sh and
 # run_gated_start.sh, which build the start.
-#   1. STEPS meta-training steps from the φ in START (`--phi-init-from`), the authors' protocol otherwise, in
-#      OUT/phi (resumes when rerun, THREADS default 2); the φ, its meta_training.json and its log are copied to PHI;
+#   1. STEPS meta-training steps from the φ in START (`--phi-init-from`), the authors' protocol otherwise, with
+#      meta-training seed SEED (default 0), in OUT/phi (resumes when rerun, THREADS default 2); the φ, its
+#      meta_training.json and its log are copied to PHI;
 #   2. its transfer to TARGETS (default omniglot,cub) with ResNet-20 at 1500 steps, SEEDS (default 0,1,2), two
 #      resumable workers, into benchmarks/results/NAME.jsonl under the perturbation name LABEL; NAME_summary.md pairs
 #      it by seed with the grid's none runs (grid_summary.py --baseline).
@@ -19,8 +20,8 @@ targets=$(target_specs "${TARGETS:-omniglot,cub}")
 resume=()
 [[ -d "$OUT/phi/checkpoints" ]] && resume=(--resume)
 OMP_NUM_THREADS=${THREADS:-2} python examples/meta_train.py --dataset "$DATA/tiny_imagenet_32_full" --arch resnet20 \
-  --phi-init-from "$START" --steps "$STEPS" --log-every 5 --checkpoint-every 25 --output-dir "$OUT/phi" \
-  "${resume[@]}"
+  --phi-init-from "$START" --seed "${SEED:-0}" --steps "$STEPS" --log-every 5 --checkpoint-every 25 \
+  --output-dir "$OUT/phi" "${resume[@]}"
 mkdir -p "$PHI"
 cp "$OUT/phi/config.json" "$OUT/phi/model.safetensors" "$OUT/phi/meta_training.json" "$PHI/"
 cp "$OUT/phi/logs/metrics.jsonl" "$PHI/metrics.jsonl"
