@@ -41,7 +41,7 @@ def table_makers() -> dict:
     grid_summary = _grid_summary()
     makers = {"markdown_table": markdown_table}
     for name in ("headline_table", "calibration_table", "gain_table", "single_pass_table", "regularizer_table",
-                 "placement_table"):
+                 "placement_table", "targets_table"):
         makers[name] = getattr(grid_summary, name)
     return makers
 

@@ -86,6 +86,23 @@ def test_the_headline_pairs_every_default_setting_with_none_and_leaves_chosen_se
     assert lines[2:] == ["| cub | conv4 | 35.00 (2) | +2.00 ± 1.41, 2 of 2 | -2.00 (1 seed), 0 of 1 |"]
 
 
+def test_the_targets_table_judges_one_phi_setting_against_none_the_best_other_and_its_mc():
+    records = [record("none", 0, 0.30), record("none", 1, 0.40), record("dropout", 0, 0.31), record("dropout", 1, 0.45),
+               record("metaperturb", 0, 0.33, "phi κ=0.5"), single(0, 0.0, {"0.0": 0.315}) | {"source": "phi κ=0.5"},
+               record("metaperturb", 1, 0.41, "phi κ=0.5"), single(1, 0.0, {"0.0": 0.42}) | {"source": "phi κ=0.5"},
+               record("metaperturb", 0, 0.90, "phi"), record("metaperturb", 1, 0.90, "phi")]  # full strength: not judged
+    lines = grid_summary.targets_table(records, "phi κ=0.5").splitlines()
+    assert lines[2] == "| cub | conv4 | 35.00 (2) | +2.00 ± 1.41 | 2 of 2 | dropout +3.00 ± 2.83 | 1.50 |"
+    assert lines[-1] == ("Against the targets: above none (mean over seeds) in 1 of 1 cells (target: all); mean gain "
+                         "+2.00 points (target: ≥ +2); MetaPerturb minus the best other regularizer -1.00 points on "
+                         "average over the 1 cells where others ran (target: ≥ 0); single pass within 1 point of MC-10 "
+                         "on every seed in 0 of 1 cells with a single pass (target: all).")
+
+
+def test_the_targets_table_says_when_the_phi_setting_never_ran():
+    assert "No MetaPerturb runs" in grid_summary.targets_table([record("none", 0, 0.30)], "phi")
+
+
 def test_the_gain_chart_is_drawn_with_a_panel_per_cell(tmp_path):
     records = [record("none", 0, 0.30), record("metaperturb", 0, 0.33, "phi"), record("dropout", 0, 0.28),
                {**record("none", 0, 0.60), "target": "omniglot"}, {**record("dropout", 0, 0.50), "target": "omniglot"}]
