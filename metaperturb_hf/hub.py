@@ -63,7 +63,7 @@ from metaperturb_hf.transfer import MetaPerturbCallback
 phi = MetaPerturbModel.from_pretrained("{{ location }}")
 model = add_perturbation(ResNetForImageClassification(ResNetConfig(num_labels=10)), phi)  # φ stays frozen
 trainer = Trainer(model=model, args=TrainingArguments("out", max_steps=1000, remove_unused_columns=False),
-                  train_dataset=train_dataset, callbacks=[MetaPerturbCallback()])  # anneals the noise in
+                  train_dataset=train_dataset, callbacks=[{{ callback }}])  # anneals the noise in
 trainer.train()
 probabilities = model.predict_proba(pixel_values, num_samples=10)  # softmax averaged over noise samples
 model.save_pretrained("resnet-metaperturb")  # classifier, φ and every site's running statistics
@@ -161,9 +161,10 @@ def _results(results: dict[str, list[dict]], source: str | None) -> tuple[str, l
     sections, evals, wins, comparisons, single_seed = [], [], 0, 0, 0
     for label, records in (results or {}).items():
         mine = [r for r in records if source is not None and r["source"] == source]
-        steps = defaultdict(set)
-        for record in mine:
-            steps[(record["target"], record["arch"])].add(record["steps"])
+        steps = defaultdict(set)  # the cells where this φ ran at any placement or strength
+        for record in records:
+            if source is not None and record["source"].split(" ")[0] == source:
+                steps[(record["target"], record["arch"])].add(record["steps"])
         if not steps:
             continue
         shown = [r for r in records if (r["target"], r["arch"]) in steps  # no other φ; this one's placements
@@ -231,7 +232,19 @@ def build_model_card(meta_training: dict, results: dict[str, list[dict]] | None 
         data, template_str=_TEMPLATE, model_name=model_name, location=location or model_name, paper=PAPER,
         weights=weights, facts=_facts_table(meta_training), results=text, source_dataset=source_dataset,
         at_size=f" at {size}×{size} pixels" if (size := meta_training.get("image_size")) else "",
-        comparison=comparison, citation=CITATION)
+        comparison=comparison, citation=CITATION, callback=annealing_callback(meta_training))
+
+
+def annealing_callback(meta_training: dict) -> str:
+    """The usage snippet's callback: a φ whose full noise is too strong records the `noise_strength` (final κ) to
+    use in its meta_training.json, and the snippet passes it on."""
+    strength = meta_training.get("noise_strength")
+    if strength is None:
+        return "MetaPerturbCallback()"
+    if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+        raise ValueError(f"{META_TRAINING_FILE}: noise_strength is the final κ to transfer with, in (0, 1]; got "
+                         f"{strength!r}.")
+    return f"MetaPerturbCallback(noise_strength={strength:g})"
 
 
 def file_sha256(path: str | Path) -> str:

@@ -82,8 +82,10 @@ def test_release_card_states_its_weights_and_meta_training(folder):
     assert card.data.library_name == LIBRARY_NAME and set(TAGS) <= set(card.data.tags)
     assert f"sha256 `{file_sha256(folder / 'model.safetensors')}`" in card.text
     assert card_facts(card) == meta_training_facts(json.loads((folder / "meta_training.json").read_text()))
+    record = json.loads((folder / "meta_training.json").read_text())
+    callback = f"noise_strength={record['noise_strength']:g}" if "noise_strength" in record else ""
     for snippet in (f'MetaPerturbModel.from_pretrained("hub_cards/{folder.name}")', "add_perturbation(",
-                    "callbacks=[MetaPerturbCallback()]", CITATION):
+                    f"callbacks=[MetaPerturbCallback({callback})]", CITATION):
         assert snippet in card.text, snippet
 
 
@@ -111,9 +113,23 @@ def test_authors_card_explains_the_conversion(official_checkpoint, tmp_path):
     assert sum(p.numel() for p in MetaPerturbModel.from_pretrained(tmp_path / write_cards.AUTHORS).parameters()) == 82
 
 
+def test_a_phi_that_records_a_noise_strength_gets_it_in_the_usage_snippet():
+    card = build_model_card({"steps": 3, "noise_strength": 0.5}, model_name="me/phi")
+    assert "callbacks=[MetaPerturbCallback(noise_strength=0.5)]" in card.text
+    with pytest.raises(ValueError, match="noise_strength .* in \\(0, 1\\]; got 2"):
+        build_model_card({"steps": 3, "noise_strength": 2}, model_name="me/phi")
+
+
 def _record(source, target, arch, method, seed, accuracy):
     return {"source": source, "target": target, "arch": arch, "method": method, "seed": seed, "steps": 100,
             "train_per_class": None, "accuracy": accuracy}
+
+
+def test_a_cell_where_the_phi_ran_only_at_another_strength_is_on_its_card():
+    grid = [_record("-", "cub", "vgg9", "none", 0, 0.40), _record("mine κ=0.5", "cub", "vgg9", "metaperturb", 0, 0.45)]
+    card = build_model_card({"steps": 3, "noise_strength": 0.5}, {"grid.jsonl": grid}, model_name="me/phi", source="mine")
+    assert "| cub | vgg9 | metaperturb [mine κ=0.5] | +5.00 (1 seed) | 1 of 1 |" in card.text
+    assert card.data.eval_results is None  # the model-index holds the φ's own columns only
 
 
 def test_card_parses_back_with_the_numbers_of_the_benchmark_table(tmp_path):
