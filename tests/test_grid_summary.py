@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -97,6 +98,13 @@ def test_the_targets_table_judges_one_phi_setting_against_none_the_best_other_an
                          "+2.00 points (target: ≥ +2); MetaPerturb minus the best other regularizer -1.00 points on "
                          "average over the 1 cells where others ran (target: ≥ 0); single pass within 1 point of MC-10 "
                          "on every seed in 0 of 1 cells with a single pass (target: all).")
+
+
+def test_a_mean_gain_that_is_a_tie_up_to_float_rounding_is_not_counted_above_none():
+    records = [record("none", seed, accuracy) for seed, accuracy in enumerate([0.1, 0.3, 0.2])]
+    records += [record("metaperturb", seed, accuracy, "phi") for seed, accuracy in enumerate([0.3, 0.2, 0.1])]
+    assert statistics.mean(grid_summary.paired_gains(records, lambda r: True)[("cub", "conv4", "metaperturb [phi]")]) > 0
+    assert "above none (mean over seeds) in 0 of 1 cells" in grid_summary.targets_table(records, "phi")
 
 
 def test_the_targets_table_says_when_the_phi_setting_never_ran():
