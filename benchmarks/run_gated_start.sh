@@ -7,7 +7,8 @@
 # tap), which grows faster and overshoots.
 #   Then STEPS (default 750, the authors' protocol) meta-training steps with seed SEED and the transfer to TARGETS
 #   (default omniglot,cub), 3 seeds, into benchmarks/results/gated_1500.jsonl; the φ is copied to
-#   benchmarks/results/phi_gated/ (benchmarks/run_from_start.sh).
+#   benchmarks/results/phi_gated/ (benchmarks/run_from_start.sh). Seed 0's φ is released as
+#   hub_cards/metaperturb-tin-full-resnet20-gated and its runs merged into grid_1500.jsonl (run_gated_grid.sh).
 #   bash benchmarks/run_gated_start.sh         # the run lives in OUT (default runs/gated); SEEDS=0, TARGETS=omniglot
 #                                              # narrow the transfer
 #   SEED=1 bash benchmarks/run_gated_start.sh  # a second meta-training seed (initial φ, tasks, batches, noise):
