@@ -57,12 +57,18 @@ def candidate_name(key) -> str:
     return f"{key:g}" if isinstance(key, (int, float)) else str(key)
 
 
-def single_pass_table(records: list[dict]) -> str:
+def single_pass_pairs(records: list[dict]) -> dict[tuple, list[tuple[dict, dict]]]:
+    """(MC record, single-pass record) of every run that has both, by (target, arch, source), in seed order."""
     cells = defaultdict(list)
     for (target, arch, source, _), methods in sorted(by_run(records).items()):
         single = methods.get("metaperturb_single_pass")
         if single and "metaperturb" in methods and "single_pass_weight" in single:
             cells[(target, arch, source)].append((methods["metaperturb"], single))
+    return cells
+
+
+def single_pass_table(records: list[dict]) -> str:
+    cells = single_pass_pairs(records)
     lines = ["| target | network | φ | seeds | MC-10 | single pass (chosen) | a = 0 | a = 1 | matched | "
              "largest shortfall below MC | chosen |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (target, arch, source), pairs in sorted(cells.items()):
@@ -202,11 +208,7 @@ def targets_table(records: list[dict], source: str = BEST_RELEASED) -> str:
     gains = paired_gains(records, lambda r: r["method"] in ("metaperturb", *OTHER_REGULARIZERS)
                          and r["source"] in (source, "-"))
     column = f"metaperturb [{source}]"
-    shortfalls = defaultdict(list)
-    for (target, arch, run_source, _), methods in by_run(records).items():
-        if run_source == source and {"metaperturb", "metaperturb_single_pass"} <= set(methods):
-            shortfalls[(target, arch)].append(100 * (methods["metaperturb"]["accuracy"]
-                                                     - methods["metaperturb_single_pass"]["accuracy"]))
+    pairs = single_pass_pairs(records)
     none = accuracy_cells([record for record in records if record["method"] == "none"])
     lines = [f"| target | network | none | MetaPerturb [{source}] − none | seeds with a gain | best other regularizer − "
              "none | single pass: largest shortfall below MC-10 |", "|---|---|---|---|---|---|---|"]
@@ -215,7 +217,8 @@ def targets_table(records: list[dict], source: str = BEST_RELEASED) -> str:
         mine = gains[(target, arch, column)]
         others = {c: g for (t, a, c), g in gains.items() if (t, a) == (target, arch) and c in OTHER_REGULARIZERS}
         other = best_column(others) if others else None
-        shortfall = max(shortfalls[(target, arch)], default=None)
+        shortfall = max((100 * (mc["accuracy"] - single["accuracy"]) for mc, single in pairs[(target, arch, source)]),
+                        default=None)
         ours.append(statistics.mean(mine))
         if other:
             best_others.append(statistics.mean(mine) - statistics.mean(other[1]))
