@@ -5,8 +5,9 @@
 #      meta-training seed SEED (default 0), in OUT/phi (resumes when rerun, THREADS default 2); the φ, its
 #      meta_training.json and its log are copied to PHI;
 #   2. its transfer to TARGETS (default omniglot,cub) with ResNet-20 at 1500 steps, SEEDS (default 0,1,2), two
-#      resumable workers, into benchmarks/results/NAME.jsonl under the perturbation name LABEL; NAME_summary.md pairs
-#      it by seed with the grid's none runs (grid_summary.py --baseline).
+#      resumable workers, κ annealed to STRENGTH (default 1, the full perturbation), into
+#      benchmarks/results/NAME.jsonl under the perturbation name LABEL; NAME_summary.md pairs it by seed with the
+#      grid's none runs (grid_summary.py --baseline).
 #   START=runs/x/start OUT=runs/x STEPS=750 PHI=benchmarks/results/phi_x NAME=x_1500 LABEL=x bash benchmarks/run_from_start.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,8 @@ CLAIMS=$(mktemp -d)
 trap 'rm -rf "$CLAIMS"' EXIT
 for worker in 0 1; do
   OMP_NUM_THREADS=1 python benchmarks/transfer_grid.py --name "$NAME" --targets "$targets" --archs resnet20 \
-    --methods metaperturb --perturbations "$LABEL=$PHI" --seeds "${SEEDS:-0,1,2}" \
+    --methods metaperturb --perturbations "$LABEL=$PHI" \
+    --noise-strengths "${STRENGTH:-1}" --seeds "${SEEDS:-0,1,2}" \
     --steps 1500 --mc-samples 10 --threads 1 --claims "$CLAIMS" ${BUDGET_S:+--time-budget-s "$BUDGET_S"} \
     --no-report > "benchmarks/results/$NAME.shard$worker.log" 2>&1 &
 done

@@ -13,6 +13,7 @@
 #                                              # narrow the transfer
 #   SEED=1 bash benchmarks/run_gated_start.sh  # a second meta-training seed (initial φ, tasks, batches, noise):
 #                                              # runs/gated-seed1, phi_gated_seed1, tin-full-resnet20-gated-seed1
+#   SEED=1 STRENGTH=0.5 TARGETS=cub,cifar10,omniglot bash benchmarks/run_gated_start.sh  # ... transferred as released
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SEED=${SEED:-0}
