@@ -202,7 +202,8 @@ def main(argv=None):
                              "bottom:N, top_bottom:N (the last / first N sites in forward order, or N at each end)")
     parser.add_argument("--noise-strengths", default="1",
                         help="the κ each MetaPerturb run anneals to, one column per value and φ: 1 is the full "
-                             "perturbation, 0.5 mixes in the identity half way (a weaker regularizer)")
+                             "perturbation, 0.5 mixes in the identity half way (a weaker regularizer); given "
+                             "explicitly, whatever noise_strength φ's config records, so a column's name says its κ")
     parser.add_argument("--source-networks", help="ARCH=STATE_DICT,... networks trained on the source data (finetune)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=1000)

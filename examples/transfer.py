@@ -39,8 +39,9 @@ def parse_args(argv=None):
                         help="a transformers image classifier (hub id or folder) instead of --arch")
     parser.add_argument("--method", choices=METHODS, default="metaperturb")
     parser.add_argument("--perturbation", help="φ: a save_pretrained folder, a hub repo, or the authors' .pth")
-    parser.add_argument("--noise-strength", type=float, default=1.0,
-                        help="the κ the perturbation anneals to: 1 in full, below 1 weaker (method metaperturb)")
+    parser.add_argument("--noise-strength", type=float,
+                        help="the κ the perturbation anneals to: 1 in full, below 1 weaker (method metaperturb; "
+                             "default: the noise_strength in φ's config, 1 unless its release says less)")
     parser.add_argument("--init-from", help="state dict of a source-trained network (method finetune)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)

@@ -15,8 +15,10 @@ from pathlib import Path, PurePosixPath
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
 
+from .configuration_metaperturb import MetaPerturbConfig
 from .meta_training_record import META_TRAINING_FILE, read_record
 from .results import accuracy_cells, markdown_table, mean_std, paired_gains, seeds_with_gain
+from .transfer import check_noise_strength
 
 LIBRARY_NAME = "metaperturb-hf"
 TAGS = ["metaperturb", "meta-learning", "regularization", "image-classification"]
@@ -63,12 +65,12 @@ from metaperturb_hf.transfer import MetaPerturbCallback
 phi = MetaPerturbModel.from_pretrained("{{ location }}")
 model = add_perturbation(ResNetForImageClassification(ResNetConfig(num_labels=10)), phi)  # φ stays frozen
 trainer = Trainer(model=model, args=TrainingArguments("out", max_steps=1000, remove_unused_columns=False),
-                  train_dataset=train_dataset, callbacks=[{{ callback }}])  # anneals the noise in
+                  train_dataset=train_dataset, callbacks=[MetaPerturbCallback()])  # anneals the noise in
 trainer.train()
 probabilities = model.predict_proba(pixel_values, num_samples=10)  # softmax averaged over noise samples
 model.save_pretrained("resnet-metaperturb")  # classifier, φ and every site's running statistics
 ```
-
+{{ strength_note }}
 Without the package, `AutoModel.from_pretrained("{{ location }}", trust_remote_code=True)` loads φ with the
 code files stored beside the weights.
 
@@ -202,7 +204,7 @@ def _results(results: dict[str, list[dict]], source: str | None) -> tuple[str, l
 
 def build_model_card(meta_training: dict, results: dict[str, list[dict]] | None = None, *, model_name: str,
                      location: str | None = None, source: str | None = None, weights_sha256: str | None = None,
-                     obtain: str | None = None, license: str = "apache-2.0") -> ModelCard:
+                     obtain: str | None = None, noise_strength: float = 1.0, license: str = "apache-2.0") -> ModelCard:
     r"""
     The model card of one φ.
 
@@ -214,6 +216,7 @@ def build_model_card(meta_training: dict, results: dict[str, list[dict]] | None 
             snippet loads.
         weights_sha256: the sha256 of model.safetensors, shown so a reader can check the weights against the card.
         obtain: markdown that says how to get the weights, for a card published without them.
+        noise_strength: the κ φ's config says to transfer it at; below 1 the card says so.
     """
     text, evals, comparison = _results(results, source)
     if obtain is not None:
@@ -232,19 +235,18 @@ def build_model_card(meta_training: dict, results: dict[str, list[dict]] | None 
         data, template_str=_TEMPLATE, model_name=model_name, location=location or model_name, paper=PAPER,
         weights=weights, facts=_facts_table(meta_training), results=text, source_dataset=source_dataset,
         at_size=f" at {size}×{size} pixels" if (size := meta_training.get("image_size")) else "",
-        comparison=comparison, citation=CITATION, callback=annealing_callback(meta_training))
+        comparison=comparison, citation=CITATION, strength_note=strength_note(noise_strength))
 
 
-def annealing_callback(meta_training: dict) -> str:
-    """The usage snippet's callback: a φ whose full noise is too strong records the `noise_strength` (final κ) to
-    use in its meta_training.json, and the snippet passes it on."""
-    strength = meta_training.get("noise_strength")
-    if strength is None:
-        return "MetaPerturbCallback()"
-    if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
-        raise ValueError(f"{META_TRAINING_FILE}: noise_strength is the final κ to transfer with, in (0, 1]; got "
-                         f"{strength!r}.")
-    return f"MetaPerturbCallback(noise_strength={strength:g})"
+def strength_note(noise_strength: float) -> str:
+    """What the card says of a φ released below full strength (`noise_strength` in its config), which the callback
+    and `TransferConfig` anneal κ to unless told otherwise."""
+    check_noise_strength(noise_strength)
+    if noise_strength == 1.0:
+        return ""
+    return (f"\nThis φ is released at κ = {noise_strength:g}: its config records `noise_strength: {noise_strength:g}`, "
+            "the strength `MetaPerturbCallback()` and `TransferConfig()` anneal its noise to unless given another "
+            "(`noise_strength=1.0` for the full perturbation).\n")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -262,7 +264,8 @@ def card_for_folder(folder: str | Path, model_name: str, results: dict[str, list
     """The card of a φ saved in `folder` (save_pretrained + meta_training.json)."""
     folder = Path(folder)
     return build_model_card(read_record(folder), results, model_name=model_name, location=location, source=source,
-                            weights_sha256=file_sha256(folder / WEIGHTS_NAME))
+                            weights_sha256=file_sha256(folder / WEIGHTS_NAME),
+                            noise_strength=MetaPerturbConfig.from_pretrained(folder).noise_strength)
 
 
 # ------------------------------------------------------------------------------------------------------------- push

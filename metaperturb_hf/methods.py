@@ -154,6 +154,8 @@ def run_transfer(
     result = train_classifier(model, train, config, device=device, progress=progress)
     base = {"method": method, "arch": arch, "seed": config.seed, "steps": config.steps,
             "train_images": len(train), "train_seconds": round(result["train_seconds"], 1)}
+    if method == "metaperturb" and result["noise_strength"] != 1.0:  # runs at full strength recorded as before
+        base["noise_strength"] = result["noise_strength"]
     if device is not None and torch.device(device).type != "cpu":
         base["device"] = str(device)
     records = [{**base, **evaluate(model, test, num_samples=mc_samples if method == "metaperturb" else 1)}]

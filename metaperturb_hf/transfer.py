@@ -2,7 +2,8 @@
 
 Protocol (docs/protocols.md): Adam (lr 1e-3, weight decay 5e-4), learning rate × 0.3 at 40 %, 70 % and 90 % of the steps, noise
 coefficient κ growing linearly from 0 to 1 over the first 40 % of the steps (to `noise_strength` when that is below
-1: a weaker perturbation for networks it over-regularizes), augmentation as in meta-training.
+1: a weaker perturbation for networks it over-regularizes; by default the one φ's config records), augmentation as
+in meta-training.
 The same loop trains the baselines: anything with a `training_loss(images, labels)` (the regularizers) or a plain
 classifier (cross-entropy on its logits).
 """
@@ -31,7 +32,8 @@ class TransferConfig:
     decay_at: tuple[float, ...] = (0.4, 0.7, 0.9)
     decay_factor: float = 0.3
     anneal_fraction: float = 0.4
-    noise_strength: float = 1.0  # the κ reached after annealing; below 1 mixes the identity into the perturbation
+    # The κ reached after annealing; below 1 mixes the identity into the perturbation. None: φ's own (its config's).
+    noise_strength: float | None = None
     seed: int = 0
     augment: bool = True
     log_every: int = 50
@@ -45,9 +47,18 @@ class TransferConfig:
         check_noise_strength(self.noise_strength)
 
 
-def check_noise_strength(noise_strength: float) -> None:
-    if not 0.0 < noise_strength <= 1.0:
+def check_noise_strength(noise_strength: float | None) -> None:
+    """A final κ in (0, 1], or None for φ's own."""
+    if noise_strength is not None and not 0.0 < noise_strength <= 1.0:
         raise ValueError(f"noise_strength is the final κ and must lie in (0, 1], got {noise_strength}.")
+
+
+def resolve_noise_strength(model: nn.Module, noise_strength: float | None) -> float:
+    """The κ to anneal `model`'s perturbation to: the one asked for, else the one its φ was released with."""
+    if noise_strength is not None:
+        return noise_strength
+    perturbation = getattr(model, "perturbation", None)
+    return perturbation.config.noise_strength if perturbation is not None else 1.0
 
 
 def noise_coeff_at(step: int, total_steps: int, anneal_fraction: float = 0.4, noise_strength: float = 1.0) -> float:
@@ -85,12 +96,13 @@ def train_classifier(model: nn.Module, train: ImageTensors, config: TransferConf
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, config.steps, config.decay_at, config.decay_factor)
     )
+    noise_strength = resolve_noise_strength(model, config.noise_strength)
     history, started = [], time.time()
     model.train()
     bar = tqdm(range(config.steps), disable=not progress, desc="transfer", leave=False)
     for step in bar:
         if hasattr(model, "set_noise_coeff"):
-            model.set_noise_coeff(noise_coeff_at(step, config.steps, config.anneal_fraction, config.noise_strength))
+            model.set_noise_coeff(noise_coeff_at(step, config.steps, config.anneal_fraction, noise_strength))
         images, labels = batches.next_batch(config.batch_size, augment=config.augment)
         loss = training_loss(model, images, labels, config.input_name)
         if not torch.isfinite(loss):
@@ -103,13 +115,13 @@ def train_classifier(model: nn.Module, train: ImageTensors, config: TransferConf
             history.append({"step": step + 1, "loss": loss.item(), "lr": schedule.get_last_lr()[0]})
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    return {"history": history, "train_seconds": time.time() - started}
+    return {"history": history, "train_seconds": time.time() - started, "noise_strength": noise_strength}
 
 
 class MetaPerturbCallback(TrainerCallback):
     r"""
     Anneals κ of a `PerturbedModel` trained with `transformers.Trainer`: linear from 0 to `noise_strength` (1: the
-    full perturbation) over the first `anneal_fraction` of `max_steps`.
+    full perturbation; None: the one φ's config records) over the first `anneal_fraction` of `max_steps`.
 
     ```python
     model = add_perturbation(ResNetForImageClassification(config), phi)
@@ -118,7 +130,7 @@ class MetaPerturbCallback(TrainerCallback):
     ```
     """
 
-    def __init__(self, anneal_fraction: float = 0.4, noise_strength: float = 1.0):
+    def __init__(self, anneal_fraction: float = 0.4, noise_strength: float | None = None):
         check_noise_strength(noise_strength)
         self.anneal_fraction = anneal_fraction
         self.noise_strength = noise_strength
@@ -129,9 +141,8 @@ class MetaPerturbCallback(TrainerCallback):
             raise ValueError(
                 "MetaPerturbCallback found no perturbed model in the Trainer; wrap it with add_perturbation first."
             )
-        target.set_noise_coeff(
-            noise_coeff_at(state.global_step, state.max_steps, self.anneal_fraction, self.noise_strength)
-        )
+        strength = resolve_noise_strength(target, self.noise_strength)
+        target.set_noise_coeff(noise_coeff_at(state.global_step, state.max_steps, self.anneal_fraction, strength))
 
 
 def _find_perturbed(model: nn.Module | None):

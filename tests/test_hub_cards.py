@@ -13,12 +13,13 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from metaperturb_hf import MetaPerturbModel
+from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel
 from metaperturb_hf.hub import (
     CITATION,
     LIBRARY_NAME,
     TAGS,
     build_model_card,
+    card_for_folder,
     file_sha256,
     meta_training_facts,
     source_name,
@@ -82,11 +83,11 @@ def test_release_card_states_its_weights_and_meta_training(folder):
     assert card.data.library_name == LIBRARY_NAME and set(TAGS) <= set(card.data.tags)
     assert f"sha256 `{file_sha256(folder / 'model.safetensors')}`" in card.text
     assert card_facts(card) == meta_training_facts(json.loads((folder / "meta_training.json").read_text()))
-    record = json.loads((folder / "meta_training.json").read_text())
-    callback = f"noise_strength={record['noise_strength']:g}" if "noise_strength" in record else ""
     for snippet in (f'MetaPerturbModel.from_pretrained("hub_cards/{folder.name}")', "add_perturbation(",
-                    f"callbacks=[MetaPerturbCallback({callback})]", CITATION):
+                    "callbacks=[MetaPerturbCallback()]", CITATION):
         assert snippet in card.text, snippet
+    strength = MetaPerturbConfig.from_pretrained(folder).noise_strength
+    assert (f"`noise_strength: {strength:g}`" in card.text) == (strength != 1.0)
 
 
 @pytest.mark.parametrize("folder", CARD_FOLDERS, ids=lambda p: p.name)
@@ -113,11 +114,14 @@ def test_authors_card_explains_the_conversion(official_checkpoint, tmp_path):
     assert sum(p.numel() for p in MetaPerturbModel.from_pretrained(tmp_path / write_cards.AUTHORS).parameters()) == 82
 
 
-def test_a_phi_that_records_a_noise_strength_gets_it_in_the_usage_snippet():
-    card = build_model_card({"steps": 3, "noise_strength": 0.5}, model_name="me/phi")
-    assert "callbacks=[MetaPerturbCallback(noise_strength=0.5)]" in card.text
-    with pytest.raises(ValueError, match="noise_strength .* in \\(0, 1\\]; got 2"):
-        build_model_card({"steps": 3, "noise_strength": 2}, model_name="me/phi")
+def test_a_phi_released_below_full_strength_says_so_on_its_card(tmp_path):
+    phi = MetaPerturbModel(MetaPerturbConfig(noise_strength=0.5))
+    phi.save_pretrained(tmp_path)
+    card = card_for_folder(tmp_path, "me/phi")
+    assert "released at κ = 0.5: its config records `noise_strength: 0.5`" in card.text
+    assert "released at κ" not in build_model_card({"steps": 3}, model_name="me/phi").text
+    with pytest.raises(ValueError, match="noise_strength .* in \\(0, 1\\], got 2"):
+        build_model_card({"steps": 3}, model_name="me/phi", noise_strength=2.0)
 
 
 def _record(source, target, arch, method, seed, accuracy):
@@ -127,7 +131,7 @@ def _record(source, target, arch, method, seed, accuracy):
 
 def test_a_cell_where_the_phi_ran_only_at_another_strength_is_on_its_card():
     grid = [_record("-", "cub", "vgg9", "none", 0, 0.40), _record("mine κ=0.5", "cub", "vgg9", "metaperturb", 0, 0.45)]
-    card = build_model_card({"steps": 3, "noise_strength": 0.5}, {"grid.jsonl": grid}, model_name="me/phi", source="mine")
+    card = build_model_card({"steps": 3}, {"grid.jsonl": grid}, model_name="me/phi", source="mine")
     assert "| cub | vgg9 | metaperturb [mine κ=0.5] | +5.00 (1 seed) | 1 of 1 |" in card.text
     assert card.data.eval_results is None  # the model-index holds the φ's own columns only
 

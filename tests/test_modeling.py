@@ -178,6 +178,21 @@ def test_invalid_config_values_are_refused():
         MetaPerturbConfig(kernel_size=4)
     with pytest.raises(Exception, match="kernel_size"):
         MetaPerturbConfig(kernel_size="3")
+    with pytest.raises(Exception, match="noise_strength is the final κ of transfer and must lie in \\(0, 1\\]"):
+        MetaPerturbConfig(noise_strength=1.5)
+
+
+def test_noise_strength_round_trips_and_a_config_saved_before_it_loads_at_full_strength(tmp_path):
+    MetaPerturbModel(MetaPerturbConfig(noise_strength=0.5)).save_pretrained(tmp_path)
+    assert MetaPerturbModel.from_pretrained(tmp_path).config.noise_strength == 0.5
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["noise_strength"]  # as the first releases wrote it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert MetaPerturbModel.from_pretrained(tmp_path).config.noise_strength == 1.0
+    del config["clip_value"]  # every other field stays required
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lacks \\['clip_value'\\]"):
+        MetaPerturbModel.from_pretrained(tmp_path)
 
 
 REMOTE_CODE_SCRIPT = """

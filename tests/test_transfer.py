@@ -61,6 +61,15 @@ def test_our_loop_learns_anneals_kappa_and_keeps_phi_frozen():
     assert accuracy > 0.6  # chance is 1/3
 
 
+def test_our_loop_anneals_to_phis_own_strength_unless_told_otherwise():
+    phi = MetaPerturbModel(MetaPerturbConfig(noise_strength=0.5))
+    model = add_perturbation(create_model("conv4", num_classes=3, image_size=16), phi, input_size=(3, 16, 16))
+    for asked, expected in ((None, 0.5), (1.0, 1.0), (0.25, 0.25)):
+        config = TransferConfig(steps=5, batch_size=16, anneal_fraction=0.2, noise_strength=asked)
+        result = train_classifier(model, separable_data(), config, progress=False)
+        assert model.noise_coeff == result["noise_strength"] == expected
+
+
 def test_the_plain_model_trains_in_the_same_loop():
     model = create_model("conv4", num_classes=3, image_size=16)
     result = train_classifier(model, separable_data(), TransferConfig(steps=20, batch_size=16, log_every=1), progress=False)
@@ -86,6 +95,15 @@ def test_trainer_callback_anneals_kappa(tmp_path):
     trainer.train()
     assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     assert model.calibrate_single_pass(trainer.get_train_dataloader(), num_batches=2) == 2  # as the README says
+
+
+def test_trainer_callback_anneals_to_phis_own_strength_unless_told_otherwise():
+    phi = MetaPerturbModel(MetaPerturbConfig(noise_strength=0.5))
+    model = add_perturbation(create_model("conv4", num_classes=3, image_size=16), phi, input_size=(3, 16, 16))
+    state = type("State", (), {"global_step": 10, "max_steps": 10})()
+    for callback, expected in ((MetaPerturbCallback(), 0.5), (MetaPerturbCallback(noise_strength=1.0), 1.0)):
+        callback.on_step_begin(None, state, None, model=model)
+        assert model.noise_coeff == expected
 
 
 def _perturbed(model):

@@ -27,15 +27,22 @@ class MetaPerturbConfig(PreTrainedConfig):
             Upper clamp of the perturbed features in training, as in the authors' code.
         initializer_range (`float`, defaults to 0.01):
             Standard deviation of the normal initialisation of every parameter.
+        noise_strength (`float`, defaults to 1.0):
+            The κ that transfer anneals the perturbation to unless told otherwise: 1 applies it in full (the
+            authors' protocol); a φ whose full noise over-regularizes is released with less (0.5 mixes the
+            identity in half way). Read by `TransferConfig` and `MetaPerturbCallback` when they are given none.
     """
 
     model_type = "metaperturb"
+    # Fields added after the first releases: a config saved before them loads with their default.
+    optional_fields = ("noise_strength",)
 
     kernel_size: int = 3
     num_stat_filters: int = 4
     stat_momentum: float = 0.1
     clip_value: float = 100.0
     initializer_range: float = 0.01
+    noise_strength: float = 1.0
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
@@ -52,9 +59,10 @@ class MetaPerturbConfig(PreTrainedConfig):
             )
         common = {f.name for f in dataclasses.fields(PreTrainedConfig)}
         own = [f.name for f in dataclasses.fields(cls) if f.name not in common]
-        missing = [name for name in own if name not in config_dict and name not in kwargs]
+        required = [name for name in own if name not in cls.optional_fields]
+        missing = [name for name in required if name not in config_dict and name not in kwargs]
         if missing:
-            raise ValueError(f"The {cls.__name__} lacks {missing}; save_pretrained writes every field of {own}.")
+            raise ValueError(f"The {cls.__name__} lacks {missing}; save_pretrained writes every field of {required}.")
         known = set(own) | common | set(PreTrainedConfig().to_dict())
         known |= {"auto_map", "torch_dtype", "name_or_path", "custom_pipelines"}
         unknown = sorted(key for key in config_dict if key not in known and not key.startswith("_"))
@@ -76,6 +84,8 @@ class MetaPerturbConfig(PreTrainedConfig):
             raise ValueError(f"stat_momentum must lie in (0, 1], got {self.stat_momentum}.")
         if self.clip_value <= 0:
             raise ValueError(f"clip_value must be positive, got {self.clip_value}.")
+        if not 0.0 < self.noise_strength <= 1.0:
+            raise ValueError(f"noise_strength is the final κ of transfer and must lie in (0, 1], got {self.noise_strength}.")
 
 
 __all__ = ["MetaPerturbConfig"]
