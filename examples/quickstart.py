@@ -2,8 +2,10 @@
 
 Data: scikit-learn's handwritten digits (ships with the package; no download), upscaled to 32×32 RGB, with
 `--train-per-class` training images per class and every other image as the test set. Network: Conv4. φ: the best
-this project has released, meta-trained on all of Tiny ImageNet with Conv4 (hub_cards/metaperturb-tin-full-conv4).
-1000 steps of batch 64 give the 200 training images 320 epochs: the method is for many epochs on little data.
+this project has released, meta-trained on all of Tiny ImageNet with ResNet-20
+(hub_cards/metaperturb-tin-full-resnet20-gated), at the strength it is released at (κ annealed to 0.5, its config's
+noise_strength). 1000 steps of batch 64 give the 200 training images 320 epochs: the method is for many epochs on
+little data.
 Prints a table of test accuracy (mean ± std over seeds), writes the records and a bar chart to quickstart-output/,
 and the last perturbed model (classifier, φ, statistics) with `save_pretrained` to quickstart-output/perturbed-conv4.
 
@@ -29,7 +31,7 @@ from metaperturb_hf.data import BatchSampler, ImageTensors, normalize
 from metaperturb_hf.hub import source_name
 from metaperturb_hf.transfer import learning_rate_factor, noise_coeff_at
 
-DEFAULT_PERTURBATION = Path(__file__).resolve().parents[1] / "hub_cards" / "metaperturb-tin-full-conv4"
+DEFAULT_PERTURBATION = Path(__file__).resolve().parents[1] / "hub_cards" / "metaperturb-tin-full-resnet20-gated"
 
 
 def digits(train_per_class: int, seed: int) -> tuple[ImageTensors, ImageTensors]:
@@ -63,7 +65,8 @@ def train_and_test(train: ImageTensors, test: ImageTensors, phi: MetaPerturbMode
     model.train()
     for step in range(args.steps):
         if phi is not None:
-            model.set_noise_coeff(noise_coeff_at(step, args.steps))  # κ: 0 → 1 over the first 40 % of the steps
+            # κ: 0 → φ's released strength (its config's noise_strength, 1 for most) over the first 40 % of the steps
+            model.set_noise_coeff(noise_coeff_at(step, args.steps, noise_strength=phi.config.noise_strength))
         images, labels = batches.next_batch(args.batch_size)
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -127,7 +130,8 @@ def main(argv=None):
     if args.quick:
         args.seeds, args.steps = "0", 20
     phi = load_perturbation(args.perturbation)
-    source = source_name(args.perturbation)
+    strength = phi.config.noise_strength
+    source = source_name(args.perturbation) + ("" if strength == 1.0 else f" κ={strength:g}")  # as the grid names it
     output = Path(args.output_dir)
     seeds = [int(s) for s in args.seeds.split(",")]
     records = []
