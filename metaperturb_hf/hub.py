@@ -15,10 +15,9 @@ from pathlib import Path, PurePosixPath
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, constants, hf_hub_download
 
-from .configuration_metaperturb import MetaPerturbConfig
+from .configuration_metaperturb import MetaPerturbConfig, check_noise_strength
 from .meta_training_record import META_TRAINING_FILE, read_record
 from .results import accuracy_cells, markdown_table, mean_std, paired_gains, seeds_with_gain
-from .transfer import check_noise_strength
 
 LIBRARY_NAME = "metaperturb-hf"
 TAGS = ["metaperturb", "meta-learning", "regularization", "image-classification"]

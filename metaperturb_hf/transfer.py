@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .classifier_io import classifier_logits
+from .configuration_metaperturb import check_noise_strength
 from .data import BatchSampler, ImageTensors
 
 
@@ -45,12 +46,6 @@ class TransferConfig:
         if not 0.0 < self.anneal_fraction <= 1.0:
             raise ValueError(f"anneal_fraction must lie in (0, 1], got {self.anneal_fraction}.")
         check_noise_strength(self.noise_strength)
-
-
-def check_noise_strength(noise_strength: float | None) -> None:
-    """A final κ in (0, 1], or None for φ's own."""
-    if noise_strength is not None and not 0.0 < noise_strength <= 1.0:
-        raise ValueError(f"noise_strength is the final κ and must lie in (0, 1], got {noise_strength}.")
 
 
 def resolve_noise_strength(model: nn.Module, noise_strength: float | None) -> float:

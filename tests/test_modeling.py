@@ -178,7 +178,7 @@ def test_invalid_config_values_are_refused():
         MetaPerturbConfig(kernel_size=4)
     with pytest.raises(Exception, match="kernel_size"):
         MetaPerturbConfig(kernel_size="3")
-    with pytest.raises(Exception, match="noise_strength is the final κ of transfer and must lie in \\(0, 1\\]"):
+    with pytest.raises(Exception, match="noise_strength is the final κ and must lie in \\(0, 1\\]"):
         MetaPerturbConfig(noise_strength=1.5)
 
 

@@ -7,6 +7,12 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 
+def check_noise_strength(noise_strength: float | None) -> None:
+    """A final κ of transfer in (0, 1], or None for φ's own."""
+    if noise_strength is not None and not 0.0 < noise_strength <= 1.0:
+        raise ValueError(f"noise_strength is the final κ and must lie in (0, 1], got {noise_strength}.")
+
+
 @strict
 class MetaPerturbConfig(PreTrainedConfig):
     r"""
@@ -84,8 +90,7 @@ class MetaPerturbConfig(PreTrainedConfig):
             raise ValueError(f"stat_momentum must lie in (0, 1], got {self.stat_momentum}.")
         if self.clip_value <= 0:
             raise ValueError(f"clip_value must be positive, got {self.clip_value}.")
-        if not 0.0 < self.noise_strength <= 1.0:
-            raise ValueError(f"noise_strength is the final κ of transfer and must lie in (0, 1], got {self.noise_strength}.")
+        check_noise_strength(self.noise_strength)
 
 
 __all__ = ["MetaPerturbConfig"]
