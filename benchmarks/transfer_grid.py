@@ -35,6 +35,7 @@ from grid_work import Budget, RunClaims, append_records, merge_records  # this f
 
 from metaperturb_hf import load_perturbation
 from metaperturb_hf.data import load_image_dataset, subsample_per_class, to_tensors
+from metaperturb_hf.hub import variant_source
 from metaperturb_hf.methods import run_transfer
 from metaperturb_hf.perturbation_config import PerturbationConfig
 from metaperturb_hf.results import (
@@ -97,8 +98,7 @@ def planned_runs(args) -> list[dict]:
                     raise ValueError("method metaperturb needs --perturbations SOURCE=PATH[,SOURCE=PATH].")
                 variants = itertools.product(placements, strengths) if method == "metaperturb" else [("all", 1.0)]
                 for source, (placement, strength) in itertools.product(sources, variants):
-                    label = source + ("" if placement == "all" else f" @{placement}")
-                    label += "" if strength == 1.0 else f" κ={strength:g}"
+                    label = variant_source(source, placement, strength)
                     for seed in (int(s) for s in args.seeds.split(",")):
                         runs.append({"source": label, "phi": source, "placement": placement, "noise_strength": strength,
                                      "target": target, "arch": arch, "method": method, "seed": seed,
@@ -142,9 +142,7 @@ def run_grid(args) -> None:
         placement = parse_placement(spec)
         if placement:  # records of all sites stay as they were before placements existed
             run["placement"] = spec
-        strength = run.pop("noise_strength")
-        if strength != 1.0:  # and those at full strength as they were before strengths existed
-            run["noise_strength"] = strength
+        strength = run.pop("noise_strength")  # run_transfer's records carry it where it is below 1
         phi = load_perturbation(perturbations[source]) if run["method"] == "metaperturb" else None
         init_from = source_networks.get(run["arch"]) if run["method"] == "finetune" else None
         config = TransferConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"], noise_strength=strength)

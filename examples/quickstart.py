@@ -28,7 +28,7 @@ from sklearn.datasets import load_digits
 from metaperturb_hf import MetaPerturbModel, add_perturbation, load_perturbation
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.data import BatchSampler, ImageTensors, normalize
-from metaperturb_hf.hub import source_name
+from metaperturb_hf.hub import source_name, variant_source
 from metaperturb_hf.transfer import learning_rate_factor, noise_coeff_at
 
 DEFAULT_PERTURBATION = Path(__file__).resolve().parents[1] / "hub_cards" / "metaperturb-tin-full-resnet20-gated"
@@ -130,8 +130,7 @@ def main(argv=None):
     if args.quick:
         args.seeds, args.steps = "0", 20
     phi = load_perturbation(args.perturbation)
-    strength = phi.config.noise_strength
-    source = source_name(args.perturbation) + ("" if strength == 1.0 else f" κ={strength:g}")  # as the grid names it
+    source = variant_source(source_name(args.perturbation), noise_strength=phi.config.noise_strength)  # as the grid
     output = Path(args.output_dir)
     seeds = [int(s) for s in args.seeds.split(",")]
     records = []

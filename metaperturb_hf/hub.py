@@ -258,6 +258,13 @@ def source_name(location: str | Path) -> str:
     return Path(location).name.removesuffix(".pth").removeprefix("metaperturb-")
 
 
+def variant_source(source: str, placement: str = "all", noise_strength: float = 1.0) -> str:
+    """The `source` of a run with φ at other sites or a weaker κ ("authors @top:6", "authors κ=0.5"): the φ's own name
+    first, so its card finds the run (`_results` reads the part before the first space)."""
+    return source + ("" if placement == "all" else f" @{placement}") + (
+        "" if noise_strength == 1.0 else f" κ={noise_strength:g}")
+
+
 def card_for_folder(folder: str | Path, model_name: str, results: dict[str, list[dict]] | None = None,
                     source: str | None = None, location: str | None = None) -> ModelCard:
     """The card of a φ saved in `folder` (save_pretrained + meta_training.json)."""
