@@ -4,6 +4,7 @@ saves and loads like a PEFT model. Where φ goes is `sites`; how it is attached,
 """
 
 import json
+import logging
 import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from .loading import load_perturbation
 from .modeling_metaperturb import MetaPerturbModel, NonFiniteFeaturesError
 from .moment_matching import match_single_pass_statistics
 from .perturbation_config import PerturbationConfig
+from .single_pass_fitting import fit_single_pass_statistics
 from .single_pass_statistics import RUNNING_STATISTICS, SinglePassStatistics, running_norms
 from .site_wrapper import SiteWrapper, refuse_wrapped, resolve_sites
 from .sites import Site, unique_keys
@@ -32,11 +34,15 @@ SINGLE_PASS_WEIGHTS_NAME = "single_pass_statistics.safetensors"
 # The blends of statistics from training (0) and re-estimated under the single pass (1) that
 # `choose_single_pass_statistics` tries.
 SINGLE_PASS_BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
-# The key of the moment-matched statistics among the single pass's candidates (`single_pass_candidates`).
+# The keys of the moment-matched statistics and of those fitted to MC among the single pass's candidates
+# (`single_pass_candidates`).
 MATCHED = "matched"
+FITTED = "fitted"
 # κ counts as the calibrated one within this (its stored copy may have been cast to a lower precision with the model).
 NOISE_COEFF_TOLERANCE = 1e-3
 PERTURBATION_FOLDER = "perturbation"
+
+logger = logging.getLogger(__name__)
 
 
 class SiteStatistics(nn.Module):
@@ -67,9 +73,9 @@ class PerturbedModel(SiteWrapper):
     its norms other activations. `calibrate_single_pass` re-estimates them under the single pass and keeps them as
     that mode's own: from then on, a forward in "mean" mode (φ in eval, at the calibrated κ) normalises with them,
     and every other forward with the classifier's own statistics, which training and MC use and which stay as they
-    were. `choose_single_pass_statistics` then keeps, among blends of them with the statistics from training and the
-    statistics matched to the moments of the noise-averaged features (`moment_matching`), the candidate whose single
-    pass agrees most often with MC on training images.
+    were. `choose_single_pass_statistics` then keeps, among blends of them with the statistics from training, the
+    statistics matched to the moments of the noise-averaged features (`moment_matching`) and those fitted to MC's
+    softmax (`single_pass_fitting`), the candidate whose single pass agrees most often with MC on training images.
     """
 
     def __init__(
@@ -205,10 +211,12 @@ class PerturbedModel(SiteWrapper):
 
     def single_pass_candidates(self, batches: Iterable, num_samples: int = 10, num_batches: int | None = None,
                                weights: Sequence[float] = SINGLE_PASS_BLEND_WEIGHTS,
-                               match_moments: bool = True) -> dict:
+                               match_moments: bool = True, fit_batches: Iterable | None = None) -> dict:
         """The statistics `choose_single_pass_statistics` chooses among: the blend `single_pass_blend(a)` for every a
-        in `weights` (keyed by a) and, with `match_moments`, those of `match_single_pass_statistics` on `batches`
-        (keyed "matched"). Call it after `calibrate_single_pass`."""
+        in `weights` (keyed by a), with `match_moments` those of `match_single_pass_statistics` on `batches` (keyed
+        "matched") and, given `fit_batches` (e.g. augmented training batches), those of `fit_single_pass_statistics`
+        on them, started from the matched statistics where there are any (keyed "fitted"; left out, with a warning,
+        where the single pass overflows). Call it after `calibrate_single_pass`."""
         if self.single_pass_statistics is None:
             raise ValueError("The single pass's candidate statistics start from a calibration: call "
                              "calibrate_single_pass(batches) first.")
@@ -218,24 +226,31 @@ class PerturbedModel(SiteWrapper):
         candidates = {}
         if match_moments:
             candidates[MATCHED] = match_single_pass_statistics(self, batches, num_samples, num_batches)
+        if fit_batches is not None:
+            try:
+                candidates[FITTED] = fit_single_pass_statistics(self, fit_batches, candidates.get(MATCHED),
+                                                                num_samples)
+            except NonFiniteFeaturesError as error:
+                logger.warning("No fitted single-pass statistics: %s", error)
         return candidates | {a: self.single_pass_blend(a) for a in weights}
 
     @torch.no_grad()
     def choose_single_pass_statistics(self, batches: Iterable, num_samples: int = 10, num_batches: int | None = None,
                                       weights: Sequence[float] = SINGLE_PASS_BLEND_WEIGHTS, match_moments: bool = True,
-                                      candidates: dict | None = None) -> dict:
+                                      fit_batches: Iterable | None = None, candidates: dict | None = None) -> dict:
         r"""
         Give the single pass the candidate statistics (`single_pass_candidates`) whose single pass agrees most often
         with the model's own Monte-Carlo prediction (top-1 class of the softmax averaged over `num_samples` draws)
         on `batches`: the blends `(1 − a) · from training + a · calibrated` (running mean and variance of every norm
         layer) for a in `weights`, and with `match_moments` the statistics matched to the moments of the
-        noise-averaged features ("matched", `moment_matching`). a = 1 keeps the calibration, a = 0 drops it (the
-        single pass then normalises with the classifier's own statistics); ties go to "matched", then to the larger a.
+        noise-averaged features ("matched", `moment_matching`), and given `fit_batches` those fitted to MC on them
+        ("fitted", `single_pass_fitting`). a = 1 keeps the calibration, a = 0 drops it (the single pass then
+        normalises with the classifier's own statistics); ties go to "matched", then "fitted", then the larger a.
 
         Why candidates: the statistics from training hold the variance that the noise added, which the single pass
         lacks; re-estimated under it they restore the feature scale in a plain chain (Conv4), but in a residual
         network they also rescale every branch against the identity path, which they leave unchanged. The matched
-        statistics aim at what MC averages; agreement with MC on training images, which needs neither labels nor
+        statistics aim at what MC averages, the fitted ones at what it predicts; agreement with MC on training images, which needs neither labels nor
         test data, picks among them. Call it after `calibrate_single_pass`, on training batches (the kinds of batches
         that takes; at most `num_batches` of them, held in memory), or pass the `candidates` already made from them.
         A candidate with which the single pass gives NaN or Inf (a network whose features the expected noise
@@ -251,7 +266,7 @@ class PerturbedModel(SiteWrapper):
         if not batches:
             raise ValueError("choose_single_pass_statistics got no batches: the data loader or iterable is empty.")
         if candidates is None:
-            candidates = self.single_pass_candidates(batches, num_samples, None, weights, match_moments)
+            candidates = self.single_pass_candidates(batches, num_samples, None, weights, match_moments, fit_batches)
         calibrated, mode = self.single_pass_statistics, self.noise_mode
         device = next(iter(calibrated.buffers())).device
         agreements, images = dict.fromkeys(candidates, 0), 0
@@ -278,7 +293,7 @@ class PerturbedModel(SiteWrapper):
                 "Every candidate statistics gives the single pass NaN or Inf features: the expected noise breaks this "
                 "network whatever its normalisation. Predict with noise samples instead (set_noise_mode('sample'))."
             )
-        chosen = max(usable, key=lambda key: agreements[key])  # the first maximum: "matched", then larger a
+        chosen = max(usable, key=lambda key: agreements[key])  # the first maximum: "matched", "fitted", larger a
         self.single_pass_statistics = candidates[chosen]
         return {"agreements": {key: None if count is None else count / images for key, count in agreements.items()},
                 "weight": chosen}

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from .architectures import create_model
-from .data import ImageTensors
+from .data import BatchSampler, ImageTensors
 from .evaluation import evaluate, normalized_batches
-from .injection import MATCHED, SINGLE_PASS_BLEND_WEIGHTS, PerturbedModel, add_perturbation
+from .injection import FITTED, MATCHED, SINGLE_PASS_BLEND_WEIGHTS, PerturbedModel, add_perturbation
 from .modeling_metaperturb import MetaPerturbModel, NonFiniteFeaturesError
 from .regularizers import REGULARIZERS, add_regularizer
+from .single_pass_fitting import FIT_STEPS
 from .site_wrapper import SiteWrapper
 from .transfer import TransferConfig, train_classifier
 
@@ -72,15 +73,17 @@ def apply_method(model: nn.Module, method: str, image_size: int, perturbation: M
 
 
 def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: ImageTensors, batch_size: int,
-                         mc_samples: int = 10) -> dict:
+                         mc_samples: int = 10, seed: int = 0) -> dict:
     """`evaluate` of the single pass with the statistics `choose_single_pass_statistics` gives it, and every other
     candidate's accuracy beside it.
 
     The single pass is calibrated on unaugmented training batches; its candidate statistics are the blends with the
-    statistics from training and those matched to the moments of the noise-averaged features ("matched"); the one
+    statistics from training, those matched to the moments of the noise-averaged features ("matched") and those
+    fitted to MC on augmented training batches drawn with `seed` ("fitted", `single_pass_fitting`); the one
     (`single_pass_weight`) whose single pass agrees most often with MC-`mc_samples` on the same batches
     (`agreement_by_weight`) is kept. `accuracy_by_weight` is the test accuracy of every candidate, so that
-    `uncalibrated_accuracy` (weight 0), `calibrated_accuracy` (weight 1) and `matched_accuracy` are three of them.
+    `uncalibrated_accuracy` (weight 0), `calibrated_accuracy` (weight 1), `matched_accuracy` and `fitted_accuracy`
+    are four of them.
     `noise_off_calibrated_accuracy`: the classifier alone (κ = 0, the cost of a plain forward) with statistics
     calibrated at κ = 0. A candidate with which the single pass gives NaN or Inf has accuracy None. Where the
     calibration itself overflows (a φ whose expected noise makes residual features grow from block to block; unlike
@@ -96,12 +99,14 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     try:
         used = model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
         weights, match_moments = SINGLE_PASS_BLEND_WEIGHTS, True
-    except NonFiniteFeaturesError as error:  # no calibrated or matched statistics; those from training remain
+        augmented = BatchSampler(train, seed=seed)
+        fit_batches = (augmented.next_batch(batch_size)[0] for _ in range(FIT_STEPS))
+    except NonFiniteFeaturesError as error:  # no calibrated, matched or fitted statistics; those from training remain
         logger.warning("The single pass keeps the statistics from training, its calibration overflowed: %s", error)
-        used, weights, match_moments = 0, (0.0,), False
+        used, weights, match_moments, fit_batches = 0, (0.0,), False, None
     calibrated, draws = model.single_pass_statistics, max(2, mc_samples)
     candidates = model.single_pass_candidates(normalized_batches(train, batch_size), draws, CALIBRATION_BATCHES,
-                                              weights, match_moments)
+                                              weights, match_moments, fit_batches)
     by_candidate = {}
     for key, statistics in candidates.items():
         model.single_pass_statistics = statistics
@@ -117,7 +122,7 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
             "agreement_by_weight": {str(key): value for key, value in choice["agreements"].items()},
             "accuracy_by_weight": {str(key): value for key, value in accuracy.items()},
             "uncalibrated_accuracy": accuracy[0.0], "calibrated_accuracy": accuracy.get(1.0),
-            "matched_accuracy": accuracy.get(MATCHED), "noise_off_calibrated_accuracy": noise_off,
+            "matched_accuracy": accuracy.get(MATCHED), "fitted_accuracy": accuracy.get(FITTED), "noise_off_calibrated_accuracy": noise_off,
             "calibration_batches": used}
 
 
@@ -161,7 +166,7 @@ def run_transfer(
     records = [{**base, **evaluate(model, test, num_samples=mc_samples if method == "metaperturb" else 1)}]
     if method == "metaperturb":
         try:
-            single_pass = evaluate_single_pass(model, train, test, config.batch_size, mc_samples)
+            single_pass = evaluate_single_pass(model, train, test, config.batch_size, mc_samples, config.seed)
         except NonFiniteFeaturesError as error:  # the MC record stands; only the single pass is unusable
             logger.warning("No single-pass record for this run: %s", error)
         else:

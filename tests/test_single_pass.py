@@ -11,7 +11,7 @@ from torch import nn
 
 from metaperturb_hf import PerturbedModel, add_perturbation
 from metaperturb_hf.architectures import create_model
-from metaperturb_hf.injection import MATCHED, SINGLE_PASS_BLEND_WEIGHTS, SINGLE_PASS_WEIGHTS_NAME
+from metaperturb_hf.injection import FITTED, MATCHED, SINGLE_PASS_BLEND_WEIGHTS, SINGLE_PASS_WEIGHTS_NAME
 from metaperturb_hf.modeling_metaperturb import NonFiniteFeaturesError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,12 +239,13 @@ def test_run_transfer_reports_both_passes_and_saves_the_calibrated_run(perturbat
     assert 0 <= single["uncalibrated_accuracy"] <= 1 and 0 <= single["noise_off_calibrated_accuracy"] <= 1
 
     weight = single["single_pass_weight"]
-    candidates = {str(a) for a in SINGLE_PASS_BLEND_WEIGHTS} | {MATCHED}
+    candidates = {str(a) for a in SINGLE_PASS_BLEND_WEIGHTS} | {MATCHED, FITTED}
     assert set(single["accuracy_by_weight"]) == set(single["agreement_by_weight"]) == candidates
     assert single["accuracy"] == single["accuracy_by_weight"][str(weight)]
     assert single["uncalibrated_accuracy"] == single["accuracy_by_weight"]["0.0"]
     assert single["calibrated_accuracy"] == single["accuracy_by_weight"]["1.0"]
     assert single["matched_accuracy"] == single["accuracy_by_weight"][MATCHED]
+    assert single["fitted_accuracy"] == single["accuracy_by_weight"][FITTED]
 
     state = torch.load(saved, weights_only=True)
     calibrated = weight != 0.0
