@@ -18,7 +18,7 @@ import torch
 
 from .classifier_io import eval_mode, logits_of, model_inputs
 from .modeling_metaperturb import NonFiniteFeaturesError
-from .single_pass_statistics import SinglePassStatistics, running_norms
+from .single_pass_statistics import RUNNING_STATISTICS, SinglePassStatistics, running_norms
 from .sites import unique_keys
 
 # Adam steps (one training batch each) and their learning rate: on ResNet-20 with Omniglot about two epochs of its
@@ -92,7 +92,7 @@ def _own_statistics(norms, noise_coeff: float) -> SinglePassStatistics:
     """The classifier's own statistics (from training) as single-pass statistics at κ = `noise_coeff`."""
     statistics = SinglePassStatistics(norms, noise_coeff).to(norms[0][1].running_mean.device)
     for key, (_, norm) in zip(unique_keys([name for name, _ in norms]), norms):
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
+        for name in RUNNING_STATISTICS:
             getattr(statistics.norms[key], name).copy_(getattr(norm, name))
     return statistics
 

@@ -1,0 +1,54 @@
+"""benchmarks/single_pass_saved.py: a saved MetaPerturb run evaluated again, MC-K and every single-pass candidate."""
+
+import json
+
+import pytest
+import torch
+from conftest_data import image_dataset, isolated_hf_cache  # noqa: F401 (a fixture)
+from script_loading import load_script
+
+from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel
+from metaperturb_hf.data import load_image_dataset, to_tensors
+from metaperturb_hf.injection import FITTED, MATCHED
+from metaperturb_hf.methods import run_transfer
+from metaperturb_hf.transfer import TransferConfig
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("benchmarks/single_pass_saved.py")
+
+
+def test_a_saved_run_gets_mc_draws_and_every_candidate(script, tmp_path, isolated_hf_cache, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    image_dataset(num_classes=3, per_class=12, size=16, seed=1).to_parquet(str(target / "train.parquet"))
+    image_dataset(num_classes=3, per_class=4, size=16, seed=2).to_parquet(str(target / "test.parquet"))
+    torch.manual_seed(0)
+    MetaPerturbModel(MetaPerturbConfig(initializer_range=0.5)).save_pretrained(tmp_path / "phi")
+    train, test = (to_tensors(load_image_dataset(str(target), split)) for split in ("train", "test"))
+    run_transfer("metaperturb", "conv4", train, test, TransferConfig(steps=3, batch_size=8),
+                 MetaPerturbModel.from_pretrained(tmp_path / "phi"), mc_samples=2, save_model=str(tmp_path / "run.pt"))
+
+    records = tmp_path / "records.jsonl"
+    script.main(["--model", str(tmp_path / "run.pt"), "--dataset", str(target), "--seed", "0", "--arch", "conv4",
+                 "--perturbation", str(tmp_path / "phi"), "--batch-size", "8", "--mc-draw-seeds", "2",
+                 "--output", str(records)])
+    (record,) = [json.loads(line) for line in records.read_text().splitlines()]
+    assert record["run"] == "run" and len(record["mc10_by_draw_seed"]) == 2
+    assert record["mc10"] == pytest.approx(sum(record["mc10_by_draw_seed"]) / 2)
+    assert set(record["mc_by_samples"]) == {"1", "2", "5"}
+    assert {MATCHED, FITTED} <= set(record["accuracy_by_weight"])
+    assert record["single_pass"] == record["accuracy_by_weight"][str(record["single_pass_weight"])]
+    assert record["shortfall"] == pytest.approx(record["mc10"] - record["single_pass"])
+
+    capsys.readouterr()
+    script.main(["--report", str(records)])
+    table = capsys.readouterr().out
+    assert "| run | " in table and f"{100 * record['shortfall']:+.2f} |" in table and "of 1 runs" in table
+
+
+def test_a_run_to_evaluate_must_be_named(script, capsys):
+    with pytest.raises(SystemExit):
+        script.main(["--dataset", "somewhere"])
+    assert "--model, --dataset and --seed" in capsys.readouterr().err
