@@ -245,7 +245,9 @@ class PerturbedModel(SiteWrapper):
         layer) for a in `weights`, and with `match_moments` the statistics matched to the moments of the
         noise-averaged features ("matched", `moment_matching`), and given `fit_batches` those fitted to MC on them
         ("fitted", `single_pass_fitting`). a = 1 keeps the calibration, a = 0 drops it (the single pass then
-        normalises with the classifier's own statistics); ties go to "matched", then "fitted", then the larger a.
+        normalises with the classifier's own statistics). Among candidates that agree equally often, the one whose
+        softmax is closest to MC's (the lowest cross-entropy to it on the same batches) is kept; then "matched",
+        "fitted", the larger a.
 
         Why candidates: the statistics from training hold the variance that the noise added, which the single pass
         lacks; re-estimated under it they restore the feature scale in a plain chain (Conv4), but in a residual
@@ -255,7 +257,8 @@ class PerturbedModel(SiteWrapper):
         that takes; at most `num_batches` of them, held in memory), or pass the `candidates` already made from them.
         A candidate with which the single pass gives NaN or Inf (a network whose features the expected noise
         blows up) is not chosen and its agreement is None; `NonFiniteFeaturesError` when that leaves none.
-        Returns the agreement (fraction of images) of every candidate and the chosen one's key (`weight`).
+        Returns the agreement (fraction of images) and the cross-entropy to MC (per image) of every candidate and the
+        chosen one's key (`weight`).
         """
         if self.single_pass_statistics is None:
             raise ValueError("choose_single_pass_statistics chooses among statistics that start from a calibration: "
@@ -269,21 +272,24 @@ class PerturbedModel(SiteWrapper):
             candidates = self.single_pass_candidates(batches, num_samples, None, weights, match_moments, fit_batches)
         calibrated, mode = self.single_pass_statistics, self.noise_mode
         device = next(iter(calibrated.buffers())).device
-        agreements, images = dict.fromkeys(candidates, 0), 0
+        agreements, cross_entropies, images = dict.fromkeys(candidates, 0), dict.fromkeys(candidates, 0.0), 0
         try:
             with eval_mode(self):
                 for batch in batches:
                     args, kwargs = model_inputs(batch, device)
                     self.noise_mode = "sample"
-                    reference = self.predict_proba(*args, num_samples=num_samples, **kwargs).argmax(-1)
+                    reference = self.predict_proba(*args, num_samples=num_samples, **kwargs)
                     self.noise_mode = "mean"
                     for key, statistics in candidates.items():
                         if agreements[key] is None:
                             continue
                         self.single_pass_statistics = statistics
                         prediction = self._finite_prediction(args, kwargs)
-                        agreements[key] = None if prediction is None else (
-                            agreements[key] + (prediction.argmax(-1) == reference).sum().item())
+                        if prediction is None:
+                            agreements[key] = cross_entropies[key] = None
+                            continue
+                        agreements[key] += (prediction.argmax(-1) == reference.argmax(-1)).sum().item()
+                        cross_entropies[key] -= (reference * prediction.clamp_min(1e-12).log()).sum().item()
                     images += len(reference)
         finally:
             self.noise_mode, self.single_pass_statistics = mode, calibrated
@@ -293,9 +299,12 @@ class PerturbedModel(SiteWrapper):
                 "Every candidate statistics gives the single pass NaN or Inf features: the expected noise breaks this "
                 "network whatever its normalisation. Predict with noise samples instead (set_noise_mode('sample'))."
             )
-        chosen = max(usable, key=lambda key: agreements[key])  # the first maximum: "matched", "fitted", larger a
+        # The most agreement; among equals the softmax closest to MC's; then the first: "matched", "fitted", larger a.
+        chosen = max(usable, key=lambda key: (agreements[key], -cross_entropies[key]))
         self.single_pass_statistics = candidates[chosen]
         return {"agreements": {key: None if count is None else count / images for key, count in agreements.items()},
+                "cross_entropies": {key: None if total is None else total / images
+                                    for key, total in cross_entropies.items()},
                 "weight": chosen}
 
     def _finite_prediction(self, args, kwargs) -> torch.Tensor | None:

@@ -81,9 +81,9 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     statistics from training, those matched to the moments of the noise-averaged features ("matched") and those
     fitted to MC on augmented training batches drawn with `seed` ("fitted", `single_pass_fitting`); the one
     (`single_pass_weight`) whose single pass agrees most often with MC-`mc_samples` on the same batches
-    (`agreement_by_weight`) is kept. `accuracy_by_weight` is the test accuracy of every candidate, so that
-    `uncalibrated_accuracy` (weight 0), `calibrated_accuracy` (weight 1), `matched_accuracy` and `fitted_accuracy`
-    are four of them.
+    (`agreement_by_weight`), and among equals whose softmax is closest to MC's (`cross_entropy_by_weight`), is kept.
+    `accuracy_by_weight` is the test accuracy of every candidate, so that `uncalibrated_accuracy` (weight 0),
+    `calibrated_accuracy` (weight 1), `matched_accuracy` and `fitted_accuracy` are four of them.
     `noise_off_calibrated_accuracy`: the classifier alone (κ = 0, the cost of a plain forward) with statistics
     calibrated at κ = 0. A candidate with which the single pass gives NaN or Inf has accuracy None. Where the
     calibration itself overflows (a φ whose expected noise makes residual features grow from block to block; unlike
@@ -120,6 +120,7 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     accuracy = {key: record["accuracy"] for key, record in by_candidate.items()}
     return {**by_candidate[choice["weight"]], "single_pass_weight": choice["weight"],
             "agreement_by_weight": {str(key): value for key, value in choice["agreements"].items()},
+            "cross_entropy_by_weight": {str(key): value for key, value in choice["cross_entropies"].items()},
             "accuracy_by_weight": {str(key): value for key, value in accuracy.items()},
             "uncalibrated_accuracy": accuracy[0.0], "calibrated_accuracy": accuracy.get(1.0),
             "matched_accuracy": accuracy.get(MATCHED), "fitted_accuracy": accuracy.get(FITTED), "noise_off_calibrated_accuracy": noise_off,

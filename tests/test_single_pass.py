@@ -265,13 +265,16 @@ def test_the_choice_counts_top1_agreement_with_mc_for_every_blend_and_keeps_the_
     choice = model.choose_single_pass_statistics(batches, num_samples=4, weights=(1.0, 0.0, 0.5), match_moments=False)
 
     torch.manual_seed(5)  # the same draws: the single passes in between draw no noise
-    references = [model.predict_proba(x, num_samples=4).argmax(-1) for x in batches]
-    expected = {weight: sum((blended_pass(model, calibrated, weight, x).argmax(-1) == r).sum().item()
-                            for x, r in zip(batches, references)) / 48
-                for weight in (0.0, 0.5, 1.0)}
+    references = [model.predict_proba(x, num_samples=4) for x in batches]
+    passes = {weight: [blended_pass(model, calibrated, weight, x) for x in batches] for weight in (0.0, 0.5, 1.0)}
+    expected = {weight: sum((y.argmax(-1) == r.argmax(-1)).sum().item() for y, r in zip(ys, references)) / 48
+                for weight, ys in passes.items()}
+    cross_entropies = {weight: sum(-(r * y.softmax(-1).log()).sum().item() for y, r in zip(ys, references)) / 48
+                       for weight, ys in passes.items()}
     assert choice["agreements"] == pytest.approx(expected)
+    assert choice["cross_entropies"] == pytest.approx(cross_entropies, rel=1e-4)
     best = max(expected.values())
-    assert choice["weight"] == max(a for a, value in expected.items() if value == best)
+    assert choice["weight"] == min((a for a, value in expected.items() if value == best), key=cross_entropies.get)
     model.set_noise_mode("mean")
     for x in batches:  # the model now single-passes with the chosen blend
         assert torch.allclose(model(x), blended_pass(model, calibrated, choice["weight"], x), atol=1e-5)
@@ -322,7 +325,8 @@ def test_the_matched_statistics_are_a_candidate_and_chosen_over_a_misleading_cal
     assert set(choice["agreements"]) == {MATCHED, 1.0, 0.0}
     # Matched on the real batches, it does not depend on the calibration's statistics, only on its κ.
     assert choice["agreements"][MATCHED] > choice["agreements"][1.0]
-    assert choice["weight"] == max(candidates, key=lambda key: choice["agreements"][key])
+    assert choice["weight"] == max(candidates, key=lambda key: (choice["agreements"][key],
+                                                               -choice["cross_entropies"][key]))
     assert model.single_pass_statistics is candidates[choice["weight"]]
 
 

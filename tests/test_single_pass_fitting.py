@@ -93,3 +93,27 @@ def test_bad_input_is_refused_with_a_clear_error(perturbation):
                                                  torch.nn.LazyLinear(2)), perturbation, input_size=(3, 8, 8))
     with pytest.raises(ValueError, match="no BatchNorm layer"):
         fit_single_pass_statistics(plain, [torch.randn(2, 3, 8, 8)])
+
+
+def test_among_equally_agreeing_candidates_the_softmax_closest_to_mcs_is_kept(perturbation, monkeypatch):
+    """Both candidates give MC's top-1 class on every image; the one whose probabilities are nearer MC's wins, even
+    when it comes last (ties in agreement are broken by the cross-entropy to MC before the candidates' order)."""
+    model = trained_conv4(perturbation)
+    model.calibrate_single_pass(calibration_batches())
+    reference = torch.tensor([0.7, 0.2, 0.1, 0.0, 0.0])
+    confident, close = model.single_pass_statistics, fit_single_pass_statistics(model, calibration_batches(), steps=1)
+    given = {id(confident): torch.tensor([0.99, 0.01, 0.0, 0.0, 0.0]), id(close): torch.tensor([0.6, 0.25, 0.15, 0, 0])}
+
+    def mc(self, *args, num_samples=1, **kwargs):
+        return reference.expand(len(args[0]), -1)
+
+    def single_pass(self, args, kwargs):
+        return given[id(self.single_pass_statistics)].expand(len(args[0]), -1)
+
+    monkeypatch.setattr(type(model), "predict_proba", mc)
+    monkeypatch.setattr(type(model), "_finite_prediction", single_pass)
+    choice = model.choose_single_pass_statistics(calibration_batches(), num_samples=2,
+                                                 candidates={MATCHED: confident, FITTED: close})
+    assert choice["agreements"] == {MATCHED: 1.0, FITTED: 1.0}
+    assert choice["cross_entropies"][FITTED] < choice["cross_entropies"][MATCHED]
+    assert choice["weight"] == FITTED and model.single_pass_statistics is close
