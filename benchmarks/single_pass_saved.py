@@ -45,6 +45,8 @@ def main(argv=None):
     parser.add_argument("--report", metavar="RECORDS", help="print the records of this file as a table, and stop")
     args = parser.parse_args(argv)
     if args.report:
+        if not Path(args.report).is_file():
+            parser.error(f"--report {args.report}: no such records file (run_single_pass_saved.sh writes it)")
         print(report([json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]))
         return
     if args.model is None or args.dataset is None or args.seed is None:

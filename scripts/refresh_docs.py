@@ -6,8 +6,8 @@ A generated table sits between two markers that name its records and the functio
     ...
     <!-- end generated -->
 
-`grid_1500` is `benchmarks/results/grid_1500.jsonl`; the function is `metaperturb_hf.results.markdown_table` or one of
-`benchmarks/grid_summary.py`'s tables. After new records:
+`grid_1500` is `benchmarks/results/grid_1500.jsonl`; the function is `metaperturb_hf.results.markdown_table`, one of
+`benchmarks/grid_summary.py`'s tables or `single_pass_saved_table` (`benchmarks/single_pass_saved.py`'s report). After new records:
 
     python scripts/refresh_docs.py           # rewrite every stale block in place
     python scripts/refresh_docs.py --check   # list the stale blocks and exit 1 if any (tests/test_readme.py does this)
@@ -29,8 +29,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 BLOCK = re.compile(r"(<!-- generated: (\S+) (\S+) -->\n)(.*?)(<!-- end generated -->)", re.S)
 
 
-def _grid_summary():
-    spec = importlib.util.spec_from_file_location("grid_summary", ROOT / "benchmarks" / "grid_summary.py")
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -38,8 +38,8 @@ def _grid_summary():
 
 def table_makers() -> dict:
     """The functions a block may name: records → markdown."""
-    grid_summary = _grid_summary()
-    makers = {"markdown_table": markdown_table}
+    grid_summary = _benchmark("grid_summary")
+    makers = {"markdown_table": markdown_table, "single_pass_saved_table": _benchmark("single_pass_saved").report}
     for name in ("headline_table", "calibration_table", "gain_table", "single_pass_table", "regularizer_table",
                  "placement_table", "targets_table"):
         makers[name] = getattr(grid_summary, name)
