@@ -77,7 +77,8 @@ def main(argv=None):
     start = time.perf_counter()
     single_pass = evaluate_single_pass(model, train, test, args.batch_size, 10, args.seed)
     record |= {"single_pass_seconds": round(time.perf_counter() - start, 1), "single_pass": single_pass["accuracy"],
-               **{key: single_pass[key] for key in ("single_pass_weight", "accuracy_by_weight", "agreement_by_weight")}}
+               **{key: single_pass[key] for key in ("single_pass_weight", "accuracy_by_weight", "agreement_by_weight",
+                                                   "cross_entropy_by_weight")}}
     record["shortfall"] = record["mc10"] - record["single_pass"]
     print(json.dumps(record))
     with open(args.output, "a") as handle:
