@@ -252,9 +252,10 @@ class PerturbedModel(SiteWrapper):
         Why candidates: the statistics from training hold the variance that the noise added, which the single pass
         lacks; re-estimated under it they restore the feature scale in a plain chain (Conv4), but in a residual
         network they also rescale every branch against the identity path, which they leave unchanged. The matched
-        statistics aim at what MC averages, the fitted ones at what it predicts; agreement with MC on training images, which needs neither labels nor
-        test data, picks among them. Call it after `calibrate_single_pass`, on training batches (the kinds of batches
-        that takes; at most `num_batches` of them, held in memory), or pass the `candidates` already made from them.
+        statistics aim at what MC averages, the fitted ones at what it predicts; agreement with MC on training
+        images, which needs neither labels nor test data, picks among them. Call it after `calibrate_single_pass`, on
+        training batches (the kinds of batches that takes; at most `num_batches` of them, held in memory), or pass the
+        `candidates` already made from them.
         A candidate with which the single pass gives NaN or Inf (a network whose features the expected noise
         blows up) is not chosen and its agreement is None; `NonFiniteFeaturesError` when that leaves none.
         Returns the agreement (fraction of images) and the cross-entropy to MC (per image) of every candidate and the
