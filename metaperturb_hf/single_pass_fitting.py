@@ -18,8 +18,7 @@ import torch
 
 from .classifier_io import eval_mode, logits_of, model_inputs
 from .modeling_metaperturb import NonFiniteFeaturesError
-from .single_pass_statistics import RUNNING_STATISTICS, SinglePassStatistics, running_norms
-from .sites import unique_keys
+from .single_pass_statistics import SinglePassStatistics, running_norms
 
 # Adam steps (one training batch each) and their learning rate: on ResNet-20 with Omniglot about two epochs of its
 # 29 batches closed the single pass's gap to MC-10; far more steps fit the training images' noise instead.
@@ -45,10 +44,10 @@ def fit_single_pass_statistics(model, batches: Iterable, start: SinglePassStatis
     norms = running_norms(model.model)
     if not norms:
         raise ValueError(f"{type(model.model).__name__} has no BatchNorm layer with running statistics to fit.")
-    initial = start if start is not None else _own_statistics(norms, model.noise_coeff)
-    means = [statistics.running_mean.float() for statistics in initial.norms.values()]
-    spreads = [(statistics.running_var.float() + norm.eps).sqrt()
-               for statistics, (_, norm) in zip(initial.norms.values(), norms, strict=True)]
+    # Both a store's entries and the norm layers themselves hold running_mean and running_var.
+    sources = list(start.norms.values()) if start is not None else [norm for _, norm in norms]
+    means = [source.running_mean.float() for source in sources]
+    spreads = [(source.running_var.float() + norm.eps).sqrt() for source, (_, norm) in zip(sources, norms, strict=True)]
     shifts = [torch.zeros_like(mean, requires_grad=True) for mean in means]
     log_scales = [torch.zeros_like(mean, requires_grad=True) for mean in means]
     optimizer = torch.optim.Adam(shifts + log_scales, lr=learning_rate)
@@ -78,7 +77,7 @@ def fit_single_pass_statistics(model, batches: Iterable, start: SinglePassStatis
         model.noise_mode = mode
     if used == 0:
         raise ValueError("fit_single_pass_statistics got no batches: the data loader or iterable is empty.")
-    fitted = SinglePassStatistics(norms, initial.kappa).to(device)
+    fitted = SinglePassStatistics(norms, start.kappa if start is not None else model.noise_coeff).to(device)
     with torch.no_grad():
         for (_, norm), own, mean, spread, shift, log_scale in zip(norms, fitted.norms.values(), means, spreads, shifts,
                                                                    log_scales, strict=True):
@@ -86,15 +85,6 @@ def fit_single_pass_statistics(model, batches: Iterable, start: SinglePassStatis
             own.running_var.copy_((spread * log_scale.exp()) ** 2 - norm.eps)
             own.num_batches_tracked.fill_(used)
     return fitted
-
-
-def _own_statistics(norms, noise_coeff: float) -> SinglePassStatistics:
-    """The classifier's own statistics (from training) as single-pass statistics at κ = `noise_coeff`."""
-    statistics = SinglePassStatistics(norms, noise_coeff).to(norms[0][1].running_mean.device)
-    for key, (_, norm) in zip(unique_keys([name for name, _ in norms]), norms):
-        for name in RUNNING_STATISTICS:
-            getattr(statistics.norms[key], name).copy_(getattr(norm, name))
-    return statistics
 
 
 @contextmanager
