@@ -1,5 +1,6 @@
 """A second opinion on benchmarks/overhead.py's central numbers, with nothing else in the process: a plain, an eager-φ
-and a fused-φ network timed in turn (interleaved medians), for a frozen-φ training step and for MC-1 / MC-5 evaluation.
+and a fused-φ network timed in turn (interleaved medians), for a frozen-φ training step and for MC-1 / MC-5
+evaluation.
 
     python benchmarks/fused_ab.py [--archs resnet20,conv4] [--repeats 7] [--output results.jsonl]
 
@@ -45,7 +46,8 @@ def main():
     x = torch.randn(BATCH, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, CLASSES, (BATCH,))
     for arch in args.archs.split(","):
-        models = {name: build(arch, kernel) for name, kernel in (("plain", None), ("eager", "eager"), ("fused", "cpu"))}
+        models = {name: build(arch, kernel)
+                  for name, kernel in (("plain", None), ("eager", "eager"), ("fused", "cpu"))}
 
         def train_step(model, optimizer):
             model.train()
@@ -56,14 +58,18 @@ def main():
         steps = medians({name: (lambda m=m, o=o: train_step(m, o)) for name, (m, o) in models.items()}, args.repeats)
         plain, fused = models["plain"][0], models["fused"][0]
         evals = medians({"plain": lambda plain=plain, x=x: predict_proba(plain, x, batch_size=BATCH),
-                         "fused_mc1": lambda fused=fused, x=x: predict_proba(fused, x, num_samples=1, batch_size=BATCH),
-                         "fused_mc5": lambda fused=fused, x=x: predict_proba(fused, x, num_samples=5, batch_size=BATCH)},
+                         "fused_mc1": lambda fused=fused, x=x: predict_proba(fused, x, num_samples=1,
+                                                                             batch_size=BATCH),
+                         "fused_mc5": lambda fused=fused, x=x: predict_proba(fused, x, num_samples=5,
+                                                                             batch_size=BATCH)},
                         args.repeats)
         record = {
             "arch": arch, "repeats": args.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "train_step_s": steps, "eval_s": evals,
-            "frozen_eager_vs_plain": steps["eager"] / steps["plain"], "frozen_fused_vs_plain": steps["fused"] / steps["plain"],
-            "mc1_fused_vs_plain": evals["fused_mc1"] / evals["plain"], "mc5_vs_mc1_fused": evals["fused_mc5"] / evals["fused_mc1"],
+            "frozen_eager_vs_plain": steps["eager"] / steps["plain"],
+            "frozen_fused_vs_plain": steps["fused"] / steps["plain"],
+            "mc1_fused_vs_plain": evals["fused_mc1"] / evals["plain"],
+            "mc5_vs_mc1_fused": evals["fused_mc5"] / evals["fused_mc1"],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         line = json.dumps(record)

@@ -1,4 +1,5 @@
-"""Ways to fuse φ's kernels that were tried on the CPU and not kept, each timed against the eager path it would replace.
+"""Ways to fuse φ's kernels that were tried on the CPU and not kept, each timed against the eager path it would
+replace.
 
 The eager φ is memory-bound (benchmarks/overhead.py: `frozen_train_step_eager_floor`, `full_size_kernels_per_site`),
 so the obvious remedy is fewer, fused passes. Three candidates, on one site of 128×C×32×32 in channels-last:
@@ -33,7 +34,8 @@ CPP_SOURCE = r"""
 #include <algorithm>
 #include <vector>
 
-// hidden = ReLU(λ ⋆ h + γ ⋆ mean_c h) and pooled[b, c, k] = mean_HW ReLU(K_k ⋆ h), h channels-last (B, H, W, C).
+// hidden = ReLU(λ ⋆ h + γ ⋆ mean_c h) and pooled[b, c, k] = mean_HW ReLU(K_k ⋆ h), h channels-last
+// (B, H, W, C).
 std::vector<at::Tensor> hidden_and_statistics(at::Tensor x, at::Tensor channel_mean, at::Tensor lam, at::Tensor gam,
                                               at::Tensor stat) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -60,7 +62,8 @@ std::vector<at::Tensor> hidden_and_statistics(at::Tensor x, at::Tensor channel_m
           for (int di = -1; di <= 1; di++)
             for (int dj = -1; dj <= 1; dj++) {
               int64_t ii = i + di, jj = j + dj;
-              if (ii >= 0 && ii < H && jj >= 0 && jj < W) mean_term += g[(di + 1) * 3 + dj + 1] * M[(b * H + ii) * W + jj];
+              if (ii >= 0 && ii < H && jj >= 0 && jj < W)
+                mean_term += g[(di + 1) * 3 + dj + 1] * M[(b * H + ii) * W + jj];
             }
           for (int64_t c = 0; c < C; c++) { a[c] = mean_term; r0[c] = r1[c] = r2[c] = r3[c] = 0; }
           for (int di = -1; di <= 1; di++)
@@ -179,7 +182,8 @@ def attempt_cpp(phi, x, upstream):
     for ours, theirs in zip(fused(), eager()):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     candidate, eager_ms = interleaved_ms(fused, eager)
-    return {"what": "hidden layer + four pooled statistics of one site", "build_s": round(build_s, 1)}, candidate, eager_ms
+    return ({"what": "hidden layer + four pooled statistics of one site", "build_s": round(build_s, 1)},
+            candidate, eager_ms)
 
 
 ATTEMPTS = {"compile": attempt_compile, "multiplier": attempt_multiplier, "cpp": attempt_cpp}

@@ -84,7 +84,8 @@ def main(argv=None):
                              "the values or their spatial profile?)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME[INDEX]=VALUE",
                         help="after the graft, set entry INDEX along the first axis of φ's parameter NAME (all taps "
-                             "of a kernel) to VALUE; repeatable, e.g. --set stat_kernels[3]=0.24 --set scale_weight[7]=0")
+                             "of a kernel) to VALUE; repeatable, e.g. --set stat_kernels[3]=0.24 "
+                             "--set scale_weight[7]=0")
     parser.add_argument("--output", required=True, help="folder for the grafted φ (save_pretrained)")
     args = parser.parse_args(argv)
     if args.noise_scale <= 0:
@@ -101,7 +102,8 @@ def main(argv=None):
     scaled = f" × {args.noise_scale:g}" if args.noise_scale != 1 else ""
     scaled += ", each kernel flattened to its mean" if args.flatten_noise else ""
     scaled += "".join(f", {setting}" for setting in args.set)
-    print(f"φ with the scale network of {args.scale_from} and noise generator {args.noise_from}{scaled}: {args.output}")
+    print(f"φ with the scale network of {args.scale_from} and noise generator "
+          f"{args.noise_from}{scaled}: {args.output}")
 
 
 if __name__ == "__main__":

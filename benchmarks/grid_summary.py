@@ -20,10 +20,10 @@ single pass come to MC, does it beat the other regularizers, and where should φ
 5. Targets: per (target, network) the best released φ's gain over none, the best other regularizer's, and the
    single pass's largest shortfall below MC, then the tally against the targets the project set itself.
 
-    python benchmarks/grid_summary.py benchmarks/results/grid_1500.jsonl [--output benchmarks/results/grid_1500_summary.md]
-        [--chart benchmarks/results/grid_1500_gains.png]
-    python benchmarks/grid_summary.py benchmarks/results/gated_350_1500.jsonl --baseline benchmarks/results/grid_1500.jsonl
-        # a side experiment's φ, paired with the grid's none runs
+    python benchmarks/grid_summary.py benchmarks/results/grid_1500.jsonl
+        [--output benchmarks/results/grid_1500_summary.md] [--chart benchmarks/results/grid_1500_gains.png]
+    python benchmarks/grid_summary.py benchmarks/results/gated_350_1500.jsonl
+        --baseline benchmarks/results/grid_1500.jsonl  # a side experiment's φ, paired with the grid's none runs
 """
 
 import argparse
@@ -44,7 +44,8 @@ def by_run(records: list[dict]) -> dict[tuple, dict[str, dict]]:
 
 def gain_table(records: list[dict]) -> str:
     cells = paired_gains(records, lambda record: record["method"] == "metaperturb")
-    lines = ["| target | network | φ | MC-10 − none (points, mean ± std) | seeds with a gain |", "|---|---|---|---|---|"]
+    lines = ["| target | network | φ | MC-10 − none (points, mean ± std) | seeds with a gain |",
+             "|---|---|---|---|---|"]
     rows = sorted((target, arch, column.removeprefix("metaperturb [").removesuffix("]"), gains)
                   for (target, arch, column), gains in cells.items())
     for target, arch, source, gains in rows:
@@ -76,7 +77,8 @@ def single_pass_table(records: list[dict]) -> str:
         chosen = [100 * s["accuracy"] for _, s in pairs]
         shortfall = max(a - b for a, b in zip(mc, chosen))
         weights = ", ".join(candidate_name(s["single_pass_weight"]) for _, s in pairs)
-        trained, calibrated, matched = (candidate_mean([s for _, s in pairs], key) for key in ("0.0", "1.0", "matched"))
+        trained, calibrated, matched = (candidate_mean([s for _, s in pairs], key)
+                                        for key in ("0.0", "1.0", "matched"))
         lines.append(f"| {target} | {arch} | {source} | {len(pairs)} | {statistics.mean(mc):.2f} | "
                      f"{statistics.mean(chosen):.2f} | {trained} | {calibrated} | {matched} | {shortfall:+.2f} | "
                      f"{weights} |")
@@ -112,7 +114,8 @@ def regularizer_table(records: list[dict]) -> str:
             column = record["source"] if record["method"] == "metaperturb" else record["method"]
             cells[(record["target"], record["arch"], record["method"] == "metaperturb")][column].append(
                 100 * record["accuracy"])
-    lines = ["| target | network | none | best other regularizer | best MetaPerturb (MC-10) | MetaPerturb − best other |",
+    lines = ["| target | network | none | best other regularizer | best MetaPerturb (MC-10) | "
+             "MetaPerturb − best other |",
              "|---|---|---|---|---|---|"]
     for target, arch in sorted({(t, a) for t, a, _ in cells}):
         others, perturbed = dict(cells[(target, arch, False)]), cells[(target, arch, True)]
@@ -147,8 +150,8 @@ def placement_table(records: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (target, arch, source), columns in sorted(rows.items()):
         values = [none.get((target, arch)), *(columns.get(placement) for placement in ("all", *placements))]
-        lines.append(f"| {target} | {arch} | {source} | " + " | ".join(mean_with_seeds(v) if v else "–" for v in values)
-                     + " |")
+        lines.append(f"| {target} | {arch} | {source} | "
+                     + " | ".join(mean_with_seeds(v) if v else "–" for v in values) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,7 +173,8 @@ def headline_table(records: list[dict]) -> str:
     cells = paired_gains(records, is_default_setting)
     none = accuracy_cells([record for record in records if record["method"] == "none"])
     columns = setting_columns(cells)
-    lines = ["| " + " | ".join(["target", "network", "none", *columns]) + " |", "|---|---|---|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(["target", "network", "none", *columns]) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
     for target, arch in sorted({(t, a) for t, a, _ in cells}):
         values = none[(target, arch, "none")]
         gains = [cells.get((target, arch, column)) for column in columns]
@@ -210,8 +214,9 @@ def targets_table(records: list[dict], source: str = BEST_RELEASED) -> str:
     column = f"metaperturb [{source}]"
     pairs = single_pass_pairs(records)
     none = accuracy_cells([record for record in records if record["method"] == "none"])
-    lines = [f"| target | network | none | MetaPerturb [{source}] − none | seeds with a gain | best other regularizer − "
-             "none | single pass: largest shortfall below MC-10 |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| target | network | none | MetaPerturb [{source}] − none | seeds with a gain | "
+             "best other regularizer − none | single pass: largest shortfall below MC-10 |",
+             "|---|---|---|---|---|---|---|"]
     ours, best_others, worst = [], [], []
     for target, arch in sorted({(t, a) for t, a, c in gains if c == column}):
         mine = gains[(target, arch, column)]
@@ -279,8 +284,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("records", help="a transfer grid's JSONL records")
     parser.add_argument("--baseline", action="append", default=[], metavar="RECORDS",
-                        help="also read the no-perturbation runs (method none, nothing else) from these JSONL records, "
-                             "so that a side experiment is paired with the grid's none runs (repeatable)")
+                        help="also read the no-perturbation runs (method none, nothing else) from these JSONL "
+                             "records, so that a side experiment is paired with the grid's none runs (repeatable)")
     parser.add_argument("--output", help="also write the tables to this markdown file")
     parser.add_argument("--chart", help="also draw the headline's gains over none, paired by seed, to this PNG")
     args = parser.parse_args()
@@ -293,11 +298,12 @@ def main():
     records += [record for path in args.baseline for record in load_records(path) if record["method"] == "none"]
     text = (f"Every regularizer at its default setting against no perturbation (points over none's mean "
             f"accuracy %, paired by seed: mean ± std, seeds with a gain):\n\n{headline_table(records)}\n"
-            f"Expected calibration error (15 bins), means over seeds, lowest in bold:\n\n{calibration_table(records)}\n"
+            f"Expected calibration error (15 bins), means over seeds, lowest in bold:\n\n"
+            f"{calibration_table(records)}\n"
             f"MetaPerturb against no perturbation, paired by seed:\n\n{gain_table(records)}\n"
             f"Single pass against MC-10 (test accuracy %, means over seeds):\n\n{single_pass_table(records)}\n"
-            f"MetaPerturb against the best other regularizer (test accuracy %, means over seeds, seeds in parentheses):"
-            f"\n\n{regularizer_table(records)}\n"
+            f"MetaPerturb against the best other regularizer (test accuracy %, means over seeds, seeds in "
+            f"parentheses):\n\n{regularizer_table(records)}\n"
             f"MetaPerturb by placement of φ (test accuracy %, MC-10, means over seeds, seeds in parentheses):\n\n"
             f"{placement_table(records)}\n"
             f"The targets with the best released φ, {BEST_RELEASED} (points, paired by seed; mean ± std):\n\n"

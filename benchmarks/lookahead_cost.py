@@ -1,8 +1,8 @@
 """What the one-step lookahead costs against the first-order meta-gradient (the rebuttal's "6× the time").
 
 Two `MetaTrainer`s over the same tasks, one first order (the authors' step, the default) and one with
-`lookahead=True` (φ's gradient through θ' = θ − α∇θ), take their meta-steps in turn (interleaved A/B, so machine load
-hits both alike) after `--warmup` steps each. Prints and appends one JSON line per network to
+`lookahead=True` (φ's gradient through θ' = θ − α∇θ), take their meta-steps in turn (interleaved A/B, so
+machine load hits both alike) after `--warmup` steps each. Prints and appends one JSON line per network to
 benchmarks/results/lookahead_cost.jsonl: the median seconds per step of each and their ratio.
 
     python benchmarks/lookahead_cost.py [--archs conv4,resnet20] [--num-groups 1] [--rounds 3]

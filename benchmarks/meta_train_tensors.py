@@ -2,8 +2,8 @@
 
 The GPU machines lent to this project lack the `datasets` package and cap uploads at 64 MiB, so this driver reads
 the lossless-WebP Parquet written by pack_webp.py with pyarrow and Pillow and calls the same `build_tasks` and
-`MetaTrainer` as examples/meta_train.py. If the pace after warm-up projects past `--time-budget-s`, the step count is cut
-to fit and meta_training.json records the steps actually run.
+`MetaTrainer` as examples/meta_train.py. If the pace after warm-up projects past `--time-budget-s`, the step count is
+cut to fit and meta_training.json records the steps actually run.
 
     python benchmarks/meta_train_tensors.py .gpu/tin_train_webp.parquet --arch resnet20 --output-dir phi-resnet20
 """
@@ -79,7 +79,8 @@ def main():
     trainer = BudgetedTrainer(config, tasks, budget_s=args.time_budget_s)
     started = time.time()
     trainer.train()
-    print(f"{args.arch}: {trainer.step} steps in {time.time() - started:.1f} s on {trainer.accelerator.device}", flush=True)
+    print(f"{args.arch}: {trainer.step} steps in {time.time() - started:.1f} s on {trainer.accelerator.device}",
+          flush=True)
 
 
 if __name__ == "__main__":

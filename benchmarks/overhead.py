@@ -2,7 +2,8 @@
 
 Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per measurement:
   (a) frozen φ: one transfer-training step with φ at every site / one plain step;
-  (b) trainable φ: one meta-training step (θ step on a train batch, φ-gradient on a validation batch) / two plain steps;
+  (b) trainable φ: one meta-training step (θ step on a train batch, φ-gradient on a validation batch) / two plain
+      steps;
   (c) evaluation: single pass ("mean" mode; also after `calibrate_single_pass`, and calibrated at κ = 0, which
       skips φ), three of φ's parts in that pass over all sites, and MC with K = 1, 5, 100 (`--mc-samples`) / one
       plain forward;
@@ -15,10 +16,10 @@ Per network (ResNet-20, Conv4; batch 128, 32×32) it prints one JSON line per me
   (f) φ's achieved arithmetic rate on the fused CPU kernel (its floating-point operations in a frozen training step,
       counted from the kernel's loops, over its time at every site's shape) next to the rate of a plain 3×3
       convolution's training step on this machine, so that the distance to the machine's limit is a number.
-(a)–(d) time φ's eager path and its fused kernel (`metaperturb_hf.kernels`: the CPU kernel, or on CUDA the Triton one;
-records named `*_fused`, with `fused_vs_eager`) in the same rounds, where the kernel loads and passes its self-check;
-the targets belong to the fused path. (f) is the CPU kernel's alone. The variants of one measurement are timed
-in turn, round after round, `--repeats` rounds after warm-up; ratios are of medians from the same rounds.
+(a)–(d) time φ's eager path and its fused kernel (`metaperturb_hf.kernels`: the CPU kernel, or on CUDA the Triton
+one; records named `*_fused`, with `fused_vs_eager`) in the same rounds, where the kernel loads and passes its
+self-check; the targets belong to the fused path. (f) is the CPU kernel's alone. The variants of one measurement are
+timed in turn, round after round, `--repeats` rounds after warm-up; ratios are of medians from the same rounds.
 
     python benchmarks/overhead.py [--device cuda] [--output benchmarks/results/overhead.jsonl] [--measures eval]
         [--mc-samples 1,5,100]
@@ -71,8 +72,8 @@ GPU_TARGETS = {
 # elementwise gradients 18, the hidden layer's gradient 20, the input's 19, the statistics path (the four stencils
 # again, their masks and transposes) 4 × 18 + 4 × 17 + 4.
 PHI_FLOPS_PER_ELEMENT = (4 * 19 + 20 + 20 + 7) + (20 + 20 + 18 + 20 + 19 + 4 * 18 + 4 * 17 + 4)
-# Stencils per site in a frozen training step that no exact eager implementation avoids: forward λ₁ (hidden), λ₂ (μ)
-# and the four statistics filters; backward the transposed stencil of each of these six.
+# Stencils per site in a frozen training step that no exact eager implementation avoids: forward λ₁ (hidden), λ₂
+# (μ) and the four statistics filters; backward the transposed stencil of each of these six.
 FLOOR_STENCILS_PER_SITE = 12
 
 
@@ -323,7 +324,8 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     memory_format = getattr(torch, args.memory_format)
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     common = {"torch": torch.__version__, "device": hardware, "batch": BATCH, "image_size": SIZE,
               "repeats": args.repeats, "memory_format": args.memory_format,
               "started": time.strftime("%Y-%m-%dT%H:%M:%S")}  # one value per run: a results file can hold several

@@ -1,5 +1,5 @@
-"""Which of φ's groups does Adam still move? Per meta-training checkpoint, the step of each group (λ, γ per layer, K,
-w) as a fraction of the learning rate, beside the group's mean |value|.
+"""Which of φ's groups does Adam still move? Per meta-training checkpoint, the step of each group (λ, γ per layer,
+K, w) as a fraction of the learning rate, beside the group's mean |value|.
 
 A group whose gradient keeps its sign moves at about the learning rate (≈ 1); one whose gradient flips sign, with
 spikes that Adam's second moment remembers for about a thousand steps, stands still (≈ 0) however large the gradient.

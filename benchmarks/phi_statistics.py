@@ -1,18 +1,18 @@
 """How strong is each φ? The multiplier s·z it applies at every site of a network, on real images.
 
-For each perturbation function and network (fresh, or trained with φ: `--state-dict`) it runs one training-mode forward pass (κ = 1, batch statistics) over
-128 training images of a target and records, per site, the mean channel scale s, the mean noise z, and the mean and
-standard deviation of the multiplier s·z (output / input); and, once per φ, the mean |value| of each of its
-parameter tensors (a noise generator still near its N(0, 0.01) start gives μ ≈ 0: noise independent of the input).
-A multiplier far below 1 with a large spread is strong
-regularization, which a short transfer schedule may not absorb. Appends one JSON line per φ and per (φ, network, site) to
+For each perturbation function and network (fresh, or trained with φ: `--state-dict`) it runs one training-mode
+forward pass (κ = 1, batch statistics) over 128 training images of a target and records, per site, the mean channel
+scale s, the mean noise z, and the mean and standard deviation of the multiplier s·z (output / input); and, once per
+φ, the mean |value| of each of its parameter tensors (a noise generator still near its N(0, 0.01) start gives
+μ ≈ 0: noise independent of the input). A multiplier far below 1 with a large spread is strong regularization, which
+a short transfer schedule may not absorb. Appends one JSON line per φ and per (φ, network, site) to
 benchmarks/results/phi_statistics.jsonl.
 
     python benchmarks/phi_statistics.py [--target ../shared/data/cifar10_32] [--archs conv4,resnet20]
         [--perturbations NAME=PATH,...]     # default: every φ in hub_cards/ and the authors'
 
-`--state-dict RUN.pt` measures a network trained with φ instead (`examples/transfer.py --save-model RUN.pt`; one φ and
-one network, `--target` the dataset it trained on): φ meets the features the target taught, not those of a fresh
+`--state-dict RUN.pt` measures a network trained with φ instead (`examples/transfer.py --save-model RUN.pt`; one φ
+and one network, `--target` the dataset it trained on): φ meets the features the target taught, not those of a fresh
 network. Its lines name the run (`"trained"`), and one more line gives its accuracy, MC-10, on the training and test
 splits: a regularizer that keeps the network from fitting its training images shows there.
 """
@@ -74,7 +74,8 @@ def main(argv=None):
     parser.add_argument("--state-dict", help="a run trained with φ (examples/transfer.py --save-model) to measure")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "phi_statistics.jsonl"))
     args = parser.parse_args(argv)
-    chosen = dict(item.split("=", 1) for item in args.perturbations.split(",")) if args.perturbations else PERTURBATIONS
+    chosen = (dict(item.split("=", 1) for item in args.perturbations.split(",")) if args.perturbations
+              else PERTURBATIONS)
     if args.state_dict and (len(chosen) != 1 or "," in args.archs):
         parser.error("--state-dict measures one trained run: name its φ (--perturbations NAME=PATH) and its --archs")
     if args.state_dict and not Path(args.state_dict).is_file():

@@ -11,7 +11,8 @@ RUN_DIR is a meta-training output folder (with logs/metrics.jsonl) or a metrics 
 `--gradient-medians` prints, per run and per window of logged steps [a, b) between consecutive bounds, the median
 gradient norm of each of φ's groups: how much the loss still depends on each group, without one spike deciding.
 `--sizes` prints, per run and per logged step given, each group's mean |value|, the noise generator's size (the mean of
-|λ₁|, |λ₂|, |γ₁|, |γ₂|) and the range of the per-site mean z: whether runs (e.g. seeds) left the origin and stayed.
+|λ₁|, |λ₂|, |γ₁|, |γ₂|) and the range of the per-site mean z: whether runs (e.g. seeds) left the origin and
+stayed.
 `--overlay` draws those two over the steps in one figure, one line per run: many runs (seeds, starting points) compared
 at a glance.
 """
@@ -26,7 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-NOISE_GENERATOR_GROUPS = ("lambda1", "lambda2", "gamma1", "gamma2")  # μ = φ₂(ReLU(φ₁(h))): λ identity, γ mean kernels
+# μ = φ₂(ReLU(φ₁(h))): λ identity, γ mean kernels
+NOISE_GENERATOR_GROUPS = ("lambda1", "lambda2", "gamma1", "gamma2")
 PHI_GROUPS = (*NOISE_GENERATOR_GROUPS, "K", "w")
 
 
@@ -49,14 +51,16 @@ def gradient_medians(rows: list[dict], bounds: list[int]) -> list[dict]:
     windows = []
     for start, end in zip(bounds, bounds[1:]):
         inside = [row for row in rows if start <= row["step"] < end]
-        windows.append({"steps": [start, end], **{group: statistics.median(row[f"phi/grad_norm_{group}"] for row in inside)
-                                                   for group in PHI_GROUPS}})
+        windows.append({"steps": [start, end],
+                        **{group: statistics.median(row[f"phi/grad_norm_{group}"] for row in inside)
+                           for group in PHI_GROUPS}})
     return windows
 
 
 def sizes_at(rows: list[dict], steps: list[int]) -> list[dict]:
     """At each of `steps` (which must be logged), every group's mean magnitude, their mean over the noise generator's
-    four groups, and the lowest and highest per-site mean z (both 0.806 when the noise does not depend on the input)."""
+    four groups, and the lowest and highest per-site mean z (both 0.806 when the noise does not depend on the
+    input)."""
     by_step = {row["step"]: row for row in rows}
     missing = [step for step in steps if step not in by_step]
     if missing:
@@ -82,7 +86,8 @@ def noise_generator_series(rows: list[dict]) -> tuple[list[int], list[float], li
 def plot_overlay(runs: dict[str, list[dict]], output: Path, max_step: int | None = None) -> None:
     figure, (size_axis, z_axis) = plt.subplots(1, 2, figsize=(12, 4.2))
     for label, rows in runs.items():
-        steps, sizes, highest_z = noise_generator_series([row for row in rows if max_step is None or row["step"] <= max_step])
+        steps, sizes, highest_z = noise_generator_series([row for row in rows
+                                                          if max_step is None or row["step"] <= max_step])
         line, = size_axis.plot(steps, sizes, label=label)
         z_axis.plot(steps, highest_z, color=line.get_color(), label=label)
     size_axis.set_yscale("log")
@@ -146,7 +151,8 @@ def main(argv=None):
     parser.add_argument("--labels", help="comma-separated column titles (default: the folder names)")
     parser.add_argument("--output", type=Path, default=Path("meta_training_curves.png"))
     numbers = parser.add_mutually_exclusive_group()  # either prints numbers instead of plotting
-    numbers.add_argument("--gradient-medians", help="comma-separated step bounds: print median gradient norms per window")
+    numbers.add_argument("--gradient-medians",
+                         help="comma-separated step bounds: print median gradient norms per window")
     numbers.add_argument("--sizes", help="comma-separated logged steps: print φ's group sizes and per-site z range")
     numbers.add_argument("--overlay", action="store_true",
                          help="one figure: noise-generator size and highest per-site z, one line per run")

@@ -60,7 +60,8 @@ PERTURBATIONS = _sibling("phi_statistics").PERTURBATIONS
 
 def weight_names(num_stat_filters: int = 4) -> list[str]:
     """The names of `scale_weight`'s entries, in its order [mean × F, var × F, channel, size]."""
-    return ([f"mean_{j}" for j in range(1, num_stat_filters + 1)] + [f"var_{j}" for j in range(1, num_stat_filters + 1)]
+    return ([f"mean_{j}" for j in range(1, num_stat_filters + 1)]
+            + [f"var_{j}" for j in range(1, num_stat_filters + 1)]
             + ["channel", "size"])
 
 
@@ -92,7 +93,8 @@ def descriptor_sweep(scale_weight: torch.Tensor, features: torch.Tensor, channel
     shape (len(size_grid), len(channel_grid)), rows H / H_norm, columns C / C_norm."""
     w = scale_weight.detach().float()
     n = features.shape[-1]
-    logits = (features @ w[:n])[None, None, :] + w[n] * channel_grid[None, :, None] + w[n + 1] * size_grid[:, None, None]
+    logits = ((features @ w[:n])[None, None, :] + w[n] * channel_grid[None, :, None]
+              + w[n + 1] * size_grid[:, None, None])
     return torch.sigmoid(logits).mean(dim=-1)
 
 
@@ -286,7 +288,8 @@ def main():
             scale_weight = load_perturbation(path).scale_weight.detach().float()
             weights[name] = scale_weight.tolist()
             names = weight_names((len(scale_weight) - 2) // 2)
-            write({"record": "scale_weight", "phi": name, "scale_weight": dict(zip(names, weights[name], strict=True))})
+            write({"record": "scale_weight", "phi": name,
+                   "scale_weight": dict(zip(names, weights[name], strict=True))})
             print(f"\n{name}: w = " + ", ".join(f"{n} {v:+.3f}" for n, v in zip(names, weights[name])))
             for arch in archs:
                 for target, (images, num_classes) in data.items():
@@ -308,7 +311,8 @@ def main():
                           + " ".join(f"{record['s'].mean():.3f}" for record in records))
                     if target == next(iter(data)):  # the descriptor sweep holds the first target's statistics
                         features = torch.cat([record["features"] for record in records])
-                        sites = [(r["channel_descriptor"], r["size_descriptor"], r["s"].mean().item()) for r in records]
+                        sites = [(r["channel_descriptor"], r["size_descriptor"], r["s"].mean().item())
+                                 for r in records]
                         sweeps[(name, arch)] = {"mean_s": descriptor_sweep(scale_weight, features, grid, grid),
                                                 "sites": sites}
                         write({"record": "descriptor_sweep", "phi": name, "arch": arch, "statistics_from": target,

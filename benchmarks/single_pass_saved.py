@@ -1,9 +1,10 @@
 """Evaluate a saved MetaPerturb run again: MC-10 and the single pass with every candidate statistics of today's code.
 
 The single pass's candidates change (the "fitted" statistics came after most grid runs); a run saved with
-`examples/transfer.py --save-model PATH` is evaluated again without training it again. Appends one JSON line: the
-run's MC-10 accuracy (the mean over --mc-draw-seeds draws of the noise, each listed) and MC-1, -2 and -5, the chosen single pass, every candidate's test accuracy and agreement with MC on the training
-images, and the seconds the single pass's statistics took. `--report RECORDS` prints them as a Markdown table.
+`examples/transfer.py --save-model PATH` is evaluated again without training it again. Appends one JSON line: the run's
+MC-10 accuracy (the mean over --mc-draw-seeds draws of the noise, each listed) and MC-1, -2 and -5, the chosen single
+pass, every candidate's test accuracy and agreement with MC on the training images, and the seconds the single pass's
+statistics took. `--report RECORDS` prints them as a Markdown table.
 
     python examples/transfer.py --dataset ../shared/data/omniglot_bg_small_32 --arch resnet20 --method metaperturb \
         --perturbation hub_cards/metaperturb-tin-full-resnet20-gated --steps 1500 --seeds 0 --save-model run.pt
@@ -92,14 +93,16 @@ def report(records: list[dict]) -> str:
 
     lines = ["Test accuracy % of one saved run each (`benchmarks/run_single_pass_saved.sh`): MC-10 as the mean over "
              "draw seeds (their range beside it), shortfall = MC-10 − single pass, in points:", "",
-             "| run | MC-1 | MC-2 | MC-5 | MC-10 | MC-10 range | single pass | chosen | matched | fitted | shortfall |",
+             "| run | MC-1 | MC-2 | MC-5 | MC-10 | MC-10 range | single pass | chosen | matched | fitted | "
+             "shortfall |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for record in sorted(records, key=lambda r: r["run"]):
         draws, candidates = record["mc10_by_draw_seed"], record["accuracy_by_weight"]
         cells = [record["run"], *(percent(record["mc_by_samples"][str(k)]) for k in MC_CURVE),
                  percent(record["mc10"]), f"{percent(min(draws))}–{percent(max(draws))}",
                  percent(record["single_pass"]), str(record["single_pass_weight"]),
-                 percent(candidates.get("matched")), percent(candidates.get("fitted")), f"{100 * record['shortfall']:+.2f}"]
+                 percent(candidates.get("matched")), percent(candidates.get("fitted")),
+                 f"{100 * record['shortfall']:+.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     within = sum(record["shortfall"] <= 0.01 for record in records)
     return "\n".join([*lines, "", f"Within 1 point of MC-10: {within} of {len(records)} runs."])

@@ -1,14 +1,16 @@
 """A φ to start meta-training from whose noise generator already has the shape of the authors' ResNet-20 φ, not its
 values: μ grows with the local channel mean of h.
 
-The authors' φ has uniform positive mean kernels (γ₁ ≈ 0.1, γ₂ ≈ 0.05 on every tap) and a positive second identity
-kernel (λ₂ 0.02–0.26), so μ = PE₂(ReLU(PE₁(h))) is a smoothed ReLU of the channel mean of h. Started from a shrunk
-copy of it (`graft_phi.py --noise-scale 0.3`), this project's meta-training grows the noise generator back; started
-from N(0, 0.01) it loses it (benchmarks/results/phi_escape/README.md). This φ asks whether that shape alone is enough:
-γ₁, λ₂ and γ₂ set to `--gain` on every tap, λ₁ and the scale network (K, w) drawn as meta-training draws them.
+The authors' φ has uniform positive mean kernels (γ₁ ≈ 0.1, γ₂ ≈ 0.05 on every tap) and a positive second
+identity kernel (λ₂ 0.02–0.26), so μ = PE₂(ReLU(PE₁(h))) is a smoothed ReLU of the channel mean of h. Started
+from a shrunk copy of it (`graft_phi.py --noise-scale 0.3`), this project's meta-training grows the noise generator
+back; started from N(0, 0.01) it loses it (benchmarks/results/phi_escape/README.md). This φ asks whether that shape
+alone is enough: γ₁, λ₂ and γ₂ set to `--gain` on every tap, λ₁ and the scale network (K, w) drawn as
+meta-training draws them.
 
     python benchmarks/structured_phi.py --gain 0.02 --output phi-init
-    python examples/meta_train.py --dataset ../shared/data/tiny_imagenet_32_full --arch resnet20 --phi-init-from phi-init
+    python examples/meta_train.py --dataset ../shared/data/tiny_imagenet_32_full --arch resnet20
+        --phi-init-from phi-init
 """
 
 import argparse

@@ -6,16 +6,16 @@
         --perturbations tin-conv4=hub_cards/metaperturb-tin-conv4,tin-resnet20=hub_cards/metaperturb-tin-resnet20 \
         --seeds 0,1,2 --steps 1000 [--shard 0/2]
 
-A target is NAME=PATH[:TRAIN_PER_CLASS]. MetaPerturb gives two records: MC over --mc-samples, and the single pass
-(its statistics chosen by agreement with MC on the training images among blends of calibrated and trained ones,
-those matched to the noise-averaged features and those fitted to MC's softmax; with the accuracy of every candidate, `accuracy_by_weight`, and that
-of the classifier alone calibrated without noise,
-`noise_off_calibrated_accuracy`). Every finished run appends its records
-to benchmarks/results/<name>.jsonl; a rerun skips what is there, so an interrupted grid resumes and two shards
-(`--shard 0/2`, `--shard 1/2`) can run side by side. `--placements all,top:6,bottom:6,top_bottom:3` repeats each
-MetaPerturb column with φ at those sites only (the paper's location ablation), named "SOURCE @top:6";
-`--noise-strengths 1,0.5` with a weaker perturbation (κ annealed to 0.5 instead of 1), named "SOURCE κ=0.5". `--report`
-(also done after every grid) writes <name>.md (mean ± 95 % CI per cell, best per row in bold) and <name>.png.
+A target is NAME=PATH[:TRAIN_PER_CLASS]. MetaPerturb gives two records: MC over --mc-samples, and the single pass (its
+statistics chosen by agreement with MC on the training images among blends of calibrated and trained ones, those
+matched to the noise-averaged features and those fitted to MC's softmax; with the accuracy of every candidate,
+`accuracy_by_weight`, and that of the classifier alone calibrated without noise, `noise_off_calibrated_accuracy`).
+Every finished run appends its records to benchmarks/results/<name>.jsonl; a rerun skips what is there, so an
+interrupted grid resumes and two shards (`--shard 0/2`, `--shard 1/2`) can run side by side.
+`--placements all,top:6,bottom:6,top_bottom:3` repeats each MetaPerturb column with φ at those sites only (the paper's
+location ablation), named "SOURCE @top:6"; `--noise-strengths 1,0.5` with a weaker perturbation (κ annealed to 0.5
+instead of 1), named "SOURCE κ=0.5". `--report` (also done after every grid) writes <name>.md (mean ± 95 % CI per
+cell, best per row in bold) and <name>.png.
 
 Workers sharing a machine (benchmarks/gpu_grid.sh: many small runs on one GPU) pass the same `--claims DIR`, so each
 run goes to the first worker that claims it, and `--time-budget-s` so none starts a run it would not finish in
@@ -100,9 +100,9 @@ def planned_runs(args) -> list[dict]:
                 for source, (placement, strength) in itertools.product(sources, variants):
                     label = variant_source(source, placement, strength)
                     for seed in (int(s) for s in args.seeds.split(",")):
-                        runs.append({"source": label, "phi": source, "placement": placement, "noise_strength": strength,
-                                     "target": target, "arch": arch, "method": method, "seed": seed,
-                                     "steps": args.steps, "train_per_class": per_class})
+                        runs.append({"source": label, "phi": source, "placement": placement,
+                                     "noise_strength": strength, "target": target, "arch": arch, "method": method,
+                                     "seed": seed, "steps": args.steps, "train_per_class": per_class})
     return runs
 
 
@@ -145,12 +145,14 @@ def run_grid(args) -> None:
         strength = run.pop("noise_strength")  # run_transfer's records carry it where it is below 1
         phi = load_perturbation(perturbations[source]) if run["method"] == "metaperturb" else None
         init_from = source_networks.get(run["arch"]) if run["method"] == "finetune" else None
-        config = TransferConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"], noise_strength=strength)
+        config = TransferConfig(steps=args.steps, batch_size=args.batch_size, seed=run["seed"],
+                                noise_strength=strength)
         records = run_transfer(run["method"], run["arch"], train, test, config, phi, args.mc_samples, init_from,
                                placement=placement, device=args.device)
         append_records(path, [{**run, **record, "mc_samples": record["num_samples"]} for record in records])
         budget.record(time.monotonic() - started)
-        print(f"[{index}/{len(todo)}] {run['target']} {run['arch']} {run['method']} {run['source']} seed {run['seed']}: "
+        print(f"[{index}/{len(todo)}] {run['target']} {run['arch']} {run['method']} {run['source']} "
+              f"seed {run['seed']}: "
               + ", ".join(f"{r['method']} {100 * r['accuracy']:.2f}" for r in records), flush=True)
 
 

@@ -52,7 +52,8 @@ def parse_args(argv=None) -> tuple[MetaTrainingConfig, TaskArguments, RunArgumen
                               formatter_class=_HelpFormatter)
     config, tasks, run = parser.parse_args_into_dataclasses(args=argv)
     if not config.source:
-        parser.error("--dataset is required: a hub dataset id, a Parquet folder/glob/file, or an imagefolder directory")
+        parser.error("--dataset is required: a hub dataset id, a Parquet folder/glob/file, or an imagefolder "
+                     "directory")
     return config, tasks, run
 
 

@@ -38,11 +38,13 @@ def digits(train_per_class: int, seed: int) -> tuple[ImageTensors, ImageTensors]
     """Digits as uint8 RGB 32×32 images, split into a small class-balanced training set and a test set."""
     data = load_digits()
     pixels = torch.tensor(data.images, dtype=torch.float32)[:, None] * (255 / 16)
-    images = F.interpolate(pixels, size=32, mode="bilinear").round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
+    images = (F.interpolate(pixels, size=32, mode="bilinear").round().clamp(0, 255).to(torch.uint8)
+              .expand(-1, 3, -1, -1))
     labels = torch.tensor(data.target)
     generator = torch.Generator().manual_seed(seed)
     train_rows = torch.cat([
-        torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=generator)[:train_per_class]]
+        torch.nonzero(labels == c).flatten()[
+            torch.randperm(int((labels == c).sum()), generator=generator)[:train_per_class]]
         for c in range(10)
     ])
     test_mask = torch.ones(len(labels), dtype=torch.bool)
@@ -65,7 +67,8 @@ def train_and_test(train: ImageTensors, test: ImageTensors, phi: MetaPerturbMode
     model.train()
     for step in range(args.steps):
         if phi is not None:
-            # κ: 0 → φ's released strength (its config's noise_strength, 1 for most) over the first 40 % of the steps
+            # κ: 0 → φ's released strength (its config's noise_strength, 1 for most) over the first 40 % of the
+            # steps
             model.set_noise_coeff(noise_coeff_at(step, args.steps, noise_strength=phi.config.noise_strength))
         images, labels = batches.next_batch(args.batch_size)
         loss = F.cross_entropy(model(images), labels)
@@ -118,7 +121,8 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--perturbation", default=str(DEFAULT_PERTURBATION), help="φ folder, hub repo or authors' .pth")
+    parser.add_argument("--perturbation", default=str(DEFAULT_PERTURBATION),
+                        help="φ folder, hub repo or authors' .pth")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -147,8 +151,8 @@ def main(argv=None):
     summary = {}
     for method in dict.fromkeys(r["method"] for r in records):
         values = [r["accuracy"] for r in records if r["method"] == method]
-        summary[method] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                           "seeds": len(values)}
+        summary[method] = {"mean": statistics.mean(values),
+                           "std": statistics.stdev(values) if len(values) > 1 else 0.0, "seeds": len(values)}
     title = (f"digits, {args.train_per_class} train images/class, Conv4, {args.steps} steps, "
              f"{summary['none']['seeds']} seed(s)")
     print("\n| method | test accuracy (%) | seeds |\n|---|---|---|")

@@ -7,8 +7,9 @@ The classifier: `--hf_model`, a transformers checkpoint or config of an image cl
 alone, or a checkpoint whose head has another number of classes, starts that part from scratch); by default a
 CIFAR-sized `ResNetForImageClassification` (16-32-64 channels, three basic blocks per stage). `add_perturbation` puts
 φ after every residual block; `MetaPerturbCallback` anneals the noise over the first 40 % of the steps. After training
-the script reports the test accuracy with the softmax averaged over `--mc_samples` noise draws and with the
-single pass (calibrated, then given the candidate statistics that agree most with MC), and saves the perturbed model with `save_pretrained` in `--output_dir`.
+the script reports the test accuracy with the softmax averaged over `--mc_samples` noise draws and with the single pass
+(calibrated, then given the candidate statistics that agree most with MC), and saves the perturbed model with
+`save_pretrained` in `--output_dir`.
 
 Every `TrainingArguments` field is a flag; the defaults differ from the Trainer's where a network trained from
 scratch on small images needs it (learning rate 1e-3, weight decay 5e-4, batch 128, 1500 steps). `--resume` continues
@@ -95,7 +96,8 @@ def main(argv=None):
     model.set_noise_mode("mean")
     results["single_pass"] = {**evaluate(model, test, input_name="pixel_values"), **choice}
     for mode, record in results.items():
-        print(f"{mode:12s} test accuracy {100 * record['accuracy']:.2f} %  (NLL {record['nll']:.3f}, ECE {record['ece']:.3f})")
+        print(f"{mode:12s} test accuracy {100 * record['accuracy']:.2f} %  "
+              f"(NLL {record['nll']:.3f}, ECE {record['ece']:.3f})")
     output = Path(training_args.output_dir)
     model.save_pretrained(output / "perturbed-model")
     (output / "transfer_results.json").write_text(json.dumps(results, indent=2))

@@ -7,8 +7,9 @@
 Methods: none, metaperturb (reported with MC averaging over --mc-samples and as a single pass whose BatchNorm
 statistics are chosen by agreement with MC on the training images among blends of those re-estimated under it with
 those from training, those matched to the noise-averaged features and those fitted to MC's softmax; that record also
-holds the accuracy of every candidate and `noise_off_calibrated_accuracy`), dropout, dropblock, manifold_mixup, info_dropout, finetune (needs --init-from,
-a source-trained state dict of the same network; a saved MetaPerturb run also serves).
+holds the accuracy of every candidate and `noise_off_calibrated_accuracy`), dropout, dropblock, manifold_mixup,
+info_dropout, finetune (needs --init-from, a source-trained state dict of the same network; a saved MetaPerturb run
+also serves).
 `--hf-model` trains a `transformers` image classifier (a checkpoint, whose head is resized to the target's classes,
 or a config, trained from scratch) instead of a reference network.
 `--train-per-class N` keeps N training images per class (the small-data regime). Test accuracy, NLL and ECE come
@@ -86,8 +87,10 @@ def main(argv=None):
     for method in sorted({r["method"] for r in records}):
         accuracies = [r["accuracy"] for r in records if r["method"] == method]
         spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        summary[method] = {"accuracy_mean": statistics.mean(accuracies), "accuracy_std": spread, "seeds": len(accuracies)}
-        print(f"{method:24s} accuracy {100 * statistics.mean(accuracies):.2f} ± {100 * spread:.2f} over {len(accuracies)} seed(s)")
+        summary[method] = {"accuracy_mean": statistics.mean(accuracies), "accuracy_std": spread,
+                           "seeds": len(accuracies)}
+        print(f"{method:24s} accuracy {100 * statistics.mean(accuracies):.2f} ± {100 * spread:.2f} "
+              f"over {len(accuracies)} seed(s)")
     if args.output:
         Path(args.output).write_text(json.dumps({"records": records, "summary": summary}, indent=2))
 

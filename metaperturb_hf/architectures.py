@@ -176,7 +176,8 @@ def conv4(
 def conv6(
     num_classes: int, image_size: int, in_channels: int, width: int = 32, conv_bias: bool = False
 ) -> ConvNet:
-    """Conv-6: six conv blocks of `width` channels; only the first four pool, so small inputs still fit. `conv_bias=True` adds the authors' convolution bias."""
+    """Conv-6: six conv blocks of `width` channels; only the first four pool, so small inputs still fit.
+    `conv_bias=True` adds the authors' convolution bias."""
     return _few_shot_conv_net(6, 4, num_classes, image_size, in_channels, width, conv_bias)
 
 
@@ -323,7 +324,8 @@ class WideBasicBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-`depth`-`widen_factor`: 16-channel conv stem, three stages of 16k/32k/64k channels, BN-ReLU, pool, Linear."""
+    """WRN-`depth`-`widen_factor`: 16-channel conv stem, three stages of 16k/32k/64k channels, BN-ReLU, pool,
+    Linear."""
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int, in_channels: int = 3, dropout: float = 0.0):
         super().__init__()

@@ -243,7 +243,8 @@ def strength_note(noise_strength: float) -> str:
     check_noise_strength(noise_strength)
     if noise_strength == 1.0:
         return ""
-    return (f"\nThis φ is released at κ = {noise_strength:g}: its config records `noise_strength: {noise_strength:g}`, "
+    return (f"\nThis φ is released at κ = {noise_strength:g}: its config records "
+            f"`noise_strength: {noise_strength:g}`, "
             "the strength `MetaPerturbCallback()` and `TransferConfig()` anneal its noise to unless given another "
             "(`noise_strength=1.0` for the full perturbation).\n")
 
@@ -254,13 +255,14 @@ def file_sha256(path: str | Path) -> str:
 
 def source_name(location: str | Path) -> str:
     """The name a φ goes by in transfer records' `source`, by which its card finds them: the folder or repository
-    name without "metaperturb-" (hub_cards/metaperturb-tin-full-conv4 → tin-full-conv4), a checkpoint's without .pth."""
+    name without "metaperturb-" (hub_cards/metaperturb-tin-full-conv4 → tin-full-conv4), a checkpoint's without
+    .pth."""
     return Path(location).name.removesuffix(".pth").removeprefix("metaperturb-")
 
 
 def variant_source(source: str, placement: str = "all", noise_strength: float = 1.0) -> str:
-    """The `source` of a run with φ at other sites or a weaker κ ("authors @top:6", "authors κ=0.5"): the φ's own name
-    first, so its card finds the run (`_results` reads the part before the first space)."""
+    """The `source` of a run with φ at other sites or a weaker κ ("authors @top:6", "authors κ=0.5"): the φ's own
+    name first, so its card finds the run (`_results` reads the part before the first space)."""
     return source + ("" if placement == "all" else f" @{placement}") + (
         "" if noise_strength == 1.0 else f" κ={noise_strength:g}")
 

@@ -118,7 +118,8 @@ class PerturbedModel(SiteWrapper):
 
     @contextmanager
     def _norm_statistics(self, store: SinglePassStatistics):
-        """Let the classifier's norm layers read and update `store`'s buffers for the duration; then their own again."""
+        """Let the classifier's norm layers read and update `store`'s buffers for the duration; then their own
+        again."""
         norms = running_norms(self.model)
         keys = unique_keys([name for name, _ in norms])
         if list(store.norms) != keys:
@@ -192,8 +193,9 @@ class PerturbedModel(SiteWrapper):
         return used
 
     def single_pass_blend(self, weight: float) -> SinglePassStatistics | None:
-        """The statistics (1 − weight) · the classifier's own (from training) + weight · the single pass's calibrated
-        ones, at the calibration's κ; None for weight 0 (the single pass then normalises with the classifier's own)."""
+        """The statistics (1 − weight) · the classifier's own (from training) + weight · the single pass's
+        calibrated ones, at the calibration's κ; None for weight 0 (the single pass then normalises with the
+        classifier's own)."""
         calibrated = self.single_pass_statistics
         if calibrated is None:
             raise ValueError("single_pass_blend needs a calibration: call calibrate_single_pass(batches) first.")
@@ -241,8 +243,8 @@ class PerturbedModel(SiteWrapper):
         r"""
         Give the single pass the candidate statistics (`single_pass_candidates`) whose single pass agrees most often
         with the model's own Monte-Carlo prediction (top-1 class of the softmax averaged over `num_samples` draws)
-        on `batches`: the blends `(1 − a) · from training + a · calibrated` (running mean and variance of every norm
-        layer) for a in `weights`, and with `match_moments` the statistics matched to the moments of the
+        on `batches`: the blends `(1 − a) · from training + a · calibrated` (running mean and variance of every
+        norm layer) for a in `weights`, and with `match_moments` the statistics matched to the moments of the
         noise-averaged features ("matched", `moment_matching`), and given `fit_batches` those fitted to MC on them
         ("fitted", `single_pass_fitting`). a = 1 keeps the calibration, a = 0 drops it (the single pass then
         normalises with the classifier's own statistics). Among candidates that agree equally often, the one whose
@@ -434,7 +436,8 @@ class PerturbedModel(SiteWrapper):
         directory = local_folder(path_or_repo_id, revision, token)
         layout_file = directory / SITES_CONFIG_NAME
         if not layout_file.is_file():
-            raise FileNotFoundError(f"{layout_file} not found: {directory} was not written by PerturbedModel.save_pretrained.")
+            raise FileNotFoundError(f"{layout_file} not found: {directory} was not written by "
+                                    "PerturbedModel.save_pretrained.")
         if model is not None:
             refuse_wrapped(model)
         config = PerturbationConfig.from_pretrained(directory)
@@ -474,7 +477,8 @@ def add_perturbation(
         example_inputs: what to call the model with for the probe pass (a tensor, or a dict of keyword inputs);
             defaults to a random batch of `input_size` (C, H, W), 3×32×32 unless the model's config says otherwise.
     """
-    if not isinstance(perturbation, nn.Module) or getattr(getattr(perturbation, "config", None), "model_type", None) != "metaperturb":
+    if (not isinstance(perturbation, nn.Module)
+            or getattr(getattr(perturbation, "config", None), "model_type", None) != "metaperturb"):
         raise TypeError(f"perturbation must be a MetaPerturbModel, got {type(perturbation).__name__}.")
     config = PerturbationConfig.build(config, **config_fields)
     chosen = resolve_sites(model, config, example_inputs=example_inputs, input_size=input_size)

@@ -49,10 +49,12 @@ class MetaTrainingConfig:
         "architecture(s) of the task classifiers, cycled over tasks (`conv4,resnet20` or `conv4 resnet20`)")})
     steps: int = field(default=750, metadata={"help": "meta-training steps"})
     batch_size: int = field(default=128, metadata={"help": "images per task half per step"})
-    learning_rate: float = field(default=1e-3, metadata={"aliases": ["--lr"], "help": "Adam learning rate of θ and φ"})
+    learning_rate: float = field(default=1e-3, metadata={"aliases": ["--lr"], "help": (
+        "Adam learning rate of θ and φ")})
     weight_decay: float = field(default=5e-4, metadata={"help": "Adam's L2 weight decay of θ (and of φ by default)"})
     image_size: int = field(default=32, metadata={"help": "images are resized to this size"})
-    seed: int = field(default=0, metadata={"help": "seed of the task split, the classifiers, the batches and the noise"})
+    seed: int = field(default=0, metadata={"help": (
+        "seed of the task split, the classifiers, the batches and the noise")})
     lookahead: bool = field(default=False, metadata={"help": (
         "φ-gradient through a one-step lookahead of θ (slower; default: first order, as the authors)")})
     lookahead_step_size: float = field(default=0.1, metadata={"help": "α of the lookahead θ' = θ − α∇θ"})
@@ -63,7 +65,8 @@ class MetaTrainingConfig:
         "φ (save_pretrained), meta_training.json, checkpoints/ and logs/ go here")})
     mixed_precision: Literal["no", "bf16"] = field(default="no", metadata={"help": "autocast of the classifiers"})
     # φ's own optimisation: each field is an explicit departure from the authors' protocol when changed.
-    phi_weight_decay: float | None = field(default=None, metadata={"help": "φ's weight decay (default: weight_decay)"})
+    phi_weight_decay: float | None = field(default=None, metadata={"help": (
+        "φ's weight decay (default: weight_decay)")})
     phi_weight_decay_mode: Literal["l2", "decoupled"] = field(default="l2", metadata={"help": (
         "φ's weight decay as Adam's L2 term (the authors') or decoupled as in AdamW")})
     phi_weight_decay_start: int = field(default=0, metadata={"help": (
@@ -107,7 +110,8 @@ class MetaTrainingConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if not self.collective_timeout > 0:
-            raise ValueError(f"collective_timeout must be a positive number of seconds, got {self.collective_timeout}.")
+            raise ValueError("collective_timeout must be a positive number of seconds, "
+                             f"got {self.collective_timeout}.")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0 (0 disables), got {self.checkpoint_every}.")
         if self.mixed_precision not in ("no", "bf16"):
@@ -184,10 +188,10 @@ def phi_statistics(phi: MetaPerturbModel, grad: torch.Tensor | None = None) -> d
 
 
 def phi_adam_steps(optimizer_state: dict, phi: MetaPerturbModel) -> dict[str, float]:
-    """Adam's step of each of φ's groups as a fraction of the learning rate (the group's mean |m̂| / (√v̂ + ε)), from
-    φ's optimizer's `state_dict()`, live or a checkpoint's. Near 1 the group's gradient keeps its sign and the group
-    moves at the learning rate; near 0 its running mean is small against the magnitudes the second moment remembers
-    (β₂ = 0.999: about the last thousand steps), so the group stands still however large its gradient."""
+    """Adam's step of each of φ's groups as a fraction of the learning rate (the group's mean |m̂| / (√v̂ + ε)),
+    from φ's optimizer's `state_dict()`, live or a checkpoint's. Near 1 the group's gradient keeps its sign and the
+    group moves at the learning rate; near 0 its running mean is small against the magnitudes the second moment
+    remembers (β₂ = 0.999: about the last thousand steps), so the group stands still however large its gradient."""
     (group,) = optimizer_state["param_groups"]
     states = [optimizer_state["state"].get(index) for index in group["params"]]
     if not all(states):  # before the first step
@@ -199,7 +203,8 @@ def phi_adam_steps(optimizer_state: dict, phi: MetaPerturbModel) -> dict[str, fl
         m_hat = state["exp_avg"] / (1 - beta1**step)
         v_hat = state["exp_avg_sq"] / (1 - beta2**step)
         ratios.append((m_hat.abs() / (v_hat.sqrt() + group["eps"])).flatten())
-    return {f"phi/adam_step_{name}": float(value.mean()) for name, value in _phi_groups(torch.cat(ratios), phi).items()}
+    return {f"phi/adam_step_{name}": float(value.mean())
+            for name, value in _phi_groups(torch.cat(ratios), phi).items()}
 
 
 class TaskLearner:
@@ -245,7 +250,8 @@ class TaskLearner:
     def load_state_dict(self, state: dict) -> None:
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         if unexpected or any(not key.startswith("perturbation.") for key in missing):
-            raise ValueError(f"Task {self.task.task_id}: checkpoint does not match its classifier ({missing=}, {unexpected=}).")
+            raise ValueError(f"Task {self.task.task_id}: checkpoint does not match its classifier "
+                             f"({missing=}, {unexpected=}).")
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_batches.load_state_dict(state["train_batches"])
         self.valid_batches.load_state_dict(state["valid_batches"])
@@ -275,7 +281,8 @@ class MetaTrainer:
         self.accelerator = accelerator or create_accelerator(config)
         world = self.accelerator.num_processes
         if len(tasks) < world:
-            raise ValueError(f"{len(tasks)} tasks cannot be spread over {world} processes; use more groups or fewer processes.")
+            raise ValueError(f"{len(tasks)} tasks cannot be spread over {world} processes; "
+                             "use more groups or fewer processes.")
         self._check_batch_fits(tasks)
         self.num_tasks = len(tasks)
         self.tasks = tasks
@@ -422,7 +429,8 @@ class MetaTrainer:
         )
         started, first_step = time.time(), self.step
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
-        progress = tqdm(total=config.steps, initial=self.step, disable=not accelerator.is_main_process, desc="meta-training")
+        progress = tqdm(total=config.steps, initial=self.step, disable=not accelerator.is_main_process,
+                        desc="meta-training")
         try:
             while self.step < config.steps and not self.interrupted:
                 record = (self.step + 1) % config.log_every == 0 or self.step + 1 == config.steps
@@ -511,7 +519,8 @@ class MetaTrainer:
 
     def resume(self, checkpoint: str | Path | None = None) -> int:
         """Restore φ, its optimizer and every local task from `checkpoint` (default: the latest); return the step."""
-        checkpoint = Path(checkpoint) if checkpoint else checkpointing.latest_checkpoint(self.output_dir / "checkpoints")
+        checkpoint = (Path(checkpoint) if checkpoint
+                      else checkpointing.latest_checkpoint(self.output_dir / "checkpoints"))
         if checkpoint is None:
             self.accelerator.print(f"No checkpoint under {self.output_dir / 'checkpoints'}; starting from step 0.")
             return 0

@@ -37,7 +37,8 @@ def save_state_dict(model: nn.Module, path: str | Path) -> None:
     os.replace(partial, path)
 
 
-def build_classifier(arch: str, num_classes: int, image_size: int, seed: int, init_from: str | None = None) -> nn.Module:
+def build_classifier(arch: str, num_classes: int, image_size: int, seed: int,
+                     init_from: str | None = None) -> nn.Module:
     """A freshly initialised reference network, or one whose body starts from a source-trained state dict.
 
     The network is put in channels-last memory format: on CPU its convolutions and φ's depthwise stencils are faster
@@ -112,7 +113,8 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
         model.single_pass_statistics = statistics
         try:
             by_candidate[key] = evaluate(model, test)
-        except NonFiniteFeaturesError:  # these statistics break the single pass; choose_single_pass_statistics skips them
+        # these statistics break the single pass; choose_single_pass_statistics skips them
+        except NonFiniteFeaturesError:
             by_candidate[key] = {"accuracy": None}
         model.single_pass_statistics = calibrated
     choice = model.choose_single_pass_statistics(normalized_batches(train, batch_size), draws, CALIBRATION_BATCHES,
@@ -123,7 +125,8 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
             "cross_entropy_by_weight": {str(key): value for key, value in choice["cross_entropies"].items()},
             "accuracy_by_weight": {str(key): value for key, value in accuracy.items()},
             "uncalibrated_accuracy": accuracy[0.0], "calibrated_accuracy": accuracy.get(1.0),
-            "matched_accuracy": accuracy.get(MATCHED), "fitted_accuracy": accuracy.get(FITTED), "noise_off_calibrated_accuracy": noise_off,
+            "matched_accuracy": accuracy.get(MATCHED), "fitted_accuracy": accuracy.get(FITTED),
+            "noise_off_calibrated_accuracy": noise_off,
             "calibration_batches": used}
 
 

@@ -11,10 +11,11 @@ under the single pass (which give unit spread, more than the noise-averaged feat
 `match_single_pass_statistics` chooses, per norm layer and channel, the statistics (m', v') with which the single
 pass's normalised features have the mean and variance over the data of the noise-averaged ones:
 
-    (x_sp − m') / √(v' + ε) = r · (x_sp − μ_sp) / √(σ²_sp + ε) + d,   r = σ̄ / √(v + ε),   d = (μ̄ − m) / √(v + ε),
+    (x_sp − m') / √(v' + ε) = r · (x_sp − μ_sp) / √(σ²_sp + ε) + d,
+    r = σ̄ / √(v + ε),   d = (μ̄ − m) / √(v + ε),
 
-where μ̄, σ̄² are the mean and variance over the data of E_noise[x] (K draws per image, the variance debiased by the
-spread between draws / K) and μ_sp, σ²_sp those of x_sp. Layers are matched in one pass, in forward order, as
+where μ̄, σ̄² are the mean and variance over the data of E_noise[x] (K draws per image, the variance debiased by
+the spread between draws / K) and μ_sp, σ²_sp those of x_sp. Layers are matched in one pass, in forward order, as
 `torch.optim.swa_utils.update_bn` estimates statistics: each norm normalises its batch, maps it to the target
 moments, and the layers after it see what they will see at test time. If the single pass were exact
 (x_sp = E_noise[x]), the result would be the statistics from training.

@@ -147,7 +147,8 @@ def _checked_sites(sites) -> str | tuple[str, ...]:
             try:
                 re.compile(sites)
             except re.error as error:
-                raise ValueError(f"PerturbationConfig.sites={sites!r} is not a valid regular expression: {error}.") from None
+                raise ValueError(f"PerturbationConfig.sites={sites!r} is not a valid regular expression: "
+                                 f"{error}.") from None
         return sites
     if isinstance(sites, (list, tuple)) and sites and all(isinstance(name, str) and name for name in sites):
         if len(set(sites)) != len(sites):

@@ -11,8 +11,9 @@ def drop_block_2d(x: torch.Tensor, drop_prob: float, block_size: int) -> torch.T
     """DropBlock (Ghiasi, Lin & Le, NeurIPS 2018) of (B, C, H, W) maps in training.
 
     Drops contiguous `block_size`×`block_size` regions, each channel with its own mask (as in the authors' TPU code).
-    Seeds are drawn only where a whole block fits, with γ = p / bs² · HW / ((H − bs + 1)(W − bs + 1)), and the kept
-    units are rescaled by the kept fraction. Flat (B, C) features and 1×1 maps have no neighbourhood: plain dropout.
+    Seeds are drawn only where a whole block fits, with γ = p / bs² · HW / ((H − bs + 1)(W − bs + 1)), and the
+    kept units are rescaled by the kept fraction. Flat (B, C) features and 1×1 maps have no neighbourhood: plain
+    dropout.
     """
     if drop_prob == 0.0:
         return x

@@ -33,10 +33,11 @@ def fit_single_pass_statistics(model, batches: Iterable, start: SinglePassStatis
     Statistics for the single pass of `model` (a `PerturbedModel` at its current κ) fitted to its MC-`num_samples`
     prediction on `batches`, one Adam step per batch, at most `steps` of them.
 
-    Per norm layer and channel the single pass normalises with m = m₀ + δ·√(v₀ + ε) and √(v + ε) = √(v₀ + ε)·e^ρ,
-    starting from `start`'s (m₀, v₀) (default: the classifier's own statistics, from training) at δ = ρ = 0. The
-    batches take the kinds `calibrate_single_pass` takes; augmented training batches give softer targets than the
-    images the classifier has memorised. Nothing of the model changes: the result is a new `SinglePassStatistics`.
+    Per norm layer and channel the single pass normalises with m = m₀ + δ·√(v₀ + ε) and
+    √(v + ε) = √(v₀ + ε)·e^ρ, starting from `start`'s (m₀, v₀) (default: the classifier's own statistics,
+    from training) at δ = ρ = 0. The batches take the kinds `calibrate_single_pass` takes; augmented training batches
+    give softer targets than the images the classifier has memorised. Nothing of the model changes: the result is a new
+    `SinglePassStatistics`.
     `NonFiniteFeaturesError` where the single pass overflows with the statistics it starts from.
     """
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
@@ -47,7 +48,8 @@ def fit_single_pass_statistics(model, batches: Iterable, start: SinglePassStatis
     # Both a store's entries and the norm layers themselves hold running_mean and running_var.
     sources = list(start.norms.values()) if start is not None else [norm for _, norm in norms]
     means = [source.running_mean.float() for source in sources]
-    spreads = [(source.running_var.float() + norm.eps).sqrt() for source, (_, norm) in zip(sources, norms, strict=True)]
+    spreads = [(source.running_var.float() + norm.eps).sqrt()
+               for source, (_, norm) in zip(sources, norms, strict=True)]
     shifts = [torch.zeros_like(mean, requires_grad=True) for mean in means]
     log_scales = [torch.zeros_like(mean, requires_grad=True) for mean in means]
     optimizer = torch.optim.Adam(shifts + log_scales, lr=learning_rate)
@@ -89,8 +91,8 @@ def fit_single_pass_statistics(model, batches: Iterable, start: SinglePassStatis
 
 @contextmanager
 def _differentiable_statistics(norms, means, spreads, shifts, log_scales):
-    """Let every norm layer normalise with m₀ + δ·s₀ and s₀·e^ρ (differentiable in δ and ρ, which running statistics
-    in `F.batch_norm` are not) for the duration."""
+    """Let every norm layer normalise with m₀ + δ·s₀ and s₀·e^ρ (differentiable in δ and ρ, which running
+    statistics in `F.batch_norm` are not) for the duration."""
     def hook_for(mean, spread, shift, log_scale):
         def normalise(norm, inputs, output):
             x = inputs[0]

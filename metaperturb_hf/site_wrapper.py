@@ -11,7 +11,8 @@ from .sites import Site, default_example_inputs, find_sites, match_sites, select
 
 
 class _ModuleSitesHook:
-    """One hook per (module, position): counts that module's calls once per forward and handles the calls that are sites.
+    """One hook per (module, position): counts that module's calls once per forward and handles the calls that are
+    sites.
 
     One counter per module matters when a module holds several sites (a shared ReLU called twice): a hook per site
     would advance the count once per site and call. A class rather than a closure, so wrappers deep-copy and pickle.
@@ -74,7 +75,8 @@ class SiteWrapper(nn.Module):
             if slot not in hooks:
                 hooks[slot] = hook = _ModuleSitesHook(self, *slot)
                 module = modules[site.module_name]
-                register = module.register_forward_pre_hook if site.position == "input" else module.register_forward_hook
+                register = (module.register_forward_pre_hook if site.position == "input"
+                            else module.register_forward_hook)
                 self._handles.append(register(hook.before if site.position == "input" else hook.after))
             hooks[slot].sites[site.call_index] = (site, key)
 

@@ -25,7 +25,8 @@ from .perturbation_config import PerturbationConfig
 
 # Modules treated as activations. transformers wraps its own (GELUActivation, ...) in `transformers.activations`.
 ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish)
-# A module with one of these children is a residual block (ours, torchvision, timm, transformers ResNet/RegNet/ConvNeXt).
+# A module with one of these children is a residual block (ours, torchvision, timm, transformers
+# ResNet/RegNet/ConvNeXt).
 RESIDUAL_MARKERS = ("shortcut", "downsample", "drop_path")
 # Activations inside gating branches (squeeze-excitation, attention) act on pooled vectors, not on features.
 GATING_MODULE_PATTERN = re.compile(r"SqueezeExcit|SELayer|SEModule|SEBlock|Attention")

@@ -8,7 +8,8 @@ from accelerate.tracking import GeneralTracker
 
 
 class JsonlTracker(GeneralTracker):
-    """Appends `{"step": ..., **values}` lines to `<logging_dir>/<run_name>/metrics.jsonl`; the config goes to `config.json`."""
+    """Appends `{"step": ..., **values}` lines to `<logging_dir>/<run_name>/metrics.jsonl`; the config goes to
+    `config.json`."""
 
     name = "jsonl"
     requires_logging_directory = True

@@ -1,9 +1,9 @@
 """Training a target classifier with a frozen φ: our own loop, and a `transformers.Trainer` callback.
 
-Protocol (docs/protocols.md): Adam (lr 1e-3, weight decay 5e-4), learning rate × 0.3 at 40 %, 70 % and 90 % of the steps, noise
-coefficient κ growing linearly from 0 to 1 over the first 40 % of the steps (to `noise_strength` when that is below
-1: a weaker perturbation for networks it over-regularizes; by default the one φ's config records), augmentation as
-in meta-training.
+Protocol (docs/protocols.md): Adam (lr 1e-3, weight decay 5e-4), learning rate × 0.3 at 40 %, 70 % and 90 % of the
+steps, noise coefficient κ growing linearly from 0 to 1 over the first 40 % of the steps (to `noise_strength` when
+that is below 1: a weaker perturbation for networks it over-regularizes; by default the one φ's config records),
+augmentation as in meta-training.
 The same loop trains the baselines: anything with a `training_loss(images, labels)` (the regularizers) or a plain
 classifier (cross-entropy on its logits).
 """
@@ -78,7 +78,8 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_classifier(model: nn.Module, train: ImageTensors, config: TransferConfig, device=None, progress: bool = True) -> dict:
+def train_classifier(model: nn.Module, train: ImageTensors, config: TransferConfig, device=None,
+                     progress: bool = True) -> dict:
     """Train `model` (plain, perturbed or regularized) on `train` with the transfer schedule; return a history."""
     device = torch.device(device or next(model.parameters()).device)
     model.to(device)
@@ -87,7 +88,8 @@ def train_classifier(model: nn.Module, train: ImageTensors, config: TransferConf
         raise ValueError(f"Labels go up to {int(train.labels.max())} but the data names {num_classes} classes.")
     torch.manual_seed(config.seed)
     batches = BatchSampler(train.to(device), seed=config.seed)
-    optimizer = torch.optim.Adam(trainable_parameters(model), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=config.learning_rate,
+                                 weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, config.steps, config.decay_at, config.decay_factor)
     )
@@ -101,7 +103,8 @@ def train_classifier(model: nn.Module, train: ImageTensors, config: TransferConf
         images, labels = batches.next_batch(config.batch_size, augment=config.augment)
         loss = training_loss(model, images, labels, config.input_name)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"The training loss became {loss.item()} at step {step}; lower the learning rate.")
+            raise FloatingPointError(f"The training loss became {loss.item()} at step {step}; "
+                                     "lower the learning rate.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

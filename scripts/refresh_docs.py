@@ -7,7 +7,8 @@ A generated table sits between two markers that name its records and the functio
     <!-- end generated -->
 
 `grid_1500` is `benchmarks/results/grid_1500.jsonl`; the function is `metaperturb_hf.results.markdown_table`, one of
-`benchmarks/grid_summary.py`'s tables or `single_pass_saved_table` (`benchmarks/single_pass_saved.py`'s report). After new records:
+`benchmarks/grid_summary.py`'s tables or `single_pass_saved_table` (`benchmarks/single_pass_saved.py`'s report). After
+new records:
 
     python scripts/refresh_docs.py           # rewrite every stale block in place
     python scripts/refresh_docs.py --check   # list the stale blocks and exit 1 if any (tests/test_readme.py does this)

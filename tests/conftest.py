@@ -54,8 +54,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def fused_kernel():
-    """The kernel dispatch, with φ's fused CPU kernel built once per session (or the cached build taken); skips where it
-    cannot be built."""
+    """The kernel dispatch, with φ's fused CPU kernel built once per session (or the cached build taken); skips where
+    it cannot be built."""
     from metaperturb_hf.kernels import dispatch
 
     problem = dispatch.availability()

@@ -69,7 +69,8 @@ _SHA_RE = re.compile(r"^[0-9a-f]{7,40}$")
 
 
 def git_blob_sha1(data: bytes) -> str:
-    """What `git hash-object` prints, the oid the Hub gives regular files (and `huggingface_hub.utils.sha.git_hash`)."""
+    """What `git hash-object` prints, the oid the Hub gives regular files (and
+    `huggingface_hub.utils.sha.git_hash`)."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
@@ -540,7 +541,8 @@ def _make_handler(server: HubServer):
             branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": s}
                         for n, s in repo.branches.items() if not n.startswith("refs/")]
             tags = [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": s} for n, s in repo.tags.items()]
-            prs = [{"name": n, "ref": n, "targetCommit": s} for n, s in repo.branches.items() if n.startswith("refs/pr/")]
+            prs = [{"name": n, "ref": n, "targetCommit": s}
+                   for n, s in repo.branches.items() if n.startswith("refs/pr/")]
             payload = {"branches": branches, "converts": [], "tags": tags}
             if record.query.get("include_prs", ["0"])[0] in ("1", "true", "True"):
                 payload["pullRequests"] = prs
@@ -709,8 +711,9 @@ class Hub:
     def run_python(self, code: str, *args: str, cwd=None, env: dict | None = None, timeout: float = 120,
                    check: bool = True) -> subprocess.CompletedProcess:
         """Run `python -c code *args` in the hub environment (stdin closed); fail with its output unless rc 0."""
-        proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=env if env is not None else self.env,
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd,
+                              env=env if env is not None else self.env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             pytest.fail(f"subprocess failed (rc {proc.returncode})\n--- stdout\n{proc.stdout}\n--- stderr\n"
                         f"{proc.stderr}\n--- requests\n{self.server.requests}")

@@ -1,4 +1,5 @@
-"""The repository's documentation: every relative link in README.md and docs/ leads to a file and heading that exist."""
+"""The repository's documentation: every relative link in README.md and docs/ leads to a file and heading that
+exist."""
 
 import re
 from pathlib import Path

@@ -1,4 +1,5 @@
-"""The example scripts end to end on tiny data: transfer, the resumable transfer grid (benchmarks/transfer_grid.py), the quick start."""
+"""The example scripts end to end on tiny data: transfer, the resumable transfer grid (benchmarks/transfer_grid.py),
+the quick start."""
 
 import importlib.util
 import json
@@ -76,7 +77,8 @@ def test_transfer_script_refuses_a_file_that_is_not_a_perturbation(target, tmp_p
     ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])).save_pretrained(tmp_path / "resnet")
     with pytest.raises(Exception, match="metaperturb|resnet"):
         load_script("transfer").main(["--dataset", str(target), "--arch", "conv4", "--image-size", "16",
-                                      "--steps", "1", "--method", "metaperturb", "--perturbation", str(tmp_path / "resnet")])
+                                      "--steps", "1", "--method", "metaperturb",
+                                      "--perturbation", str(tmp_path / "resnet")])
 
 
 def test_benchmark_grid_resumes_without_redoing_runs(target, phi_dir, tmp_path):
@@ -115,7 +117,8 @@ def test_benchmark_grid_places_phi_at_the_chosen_sites_only(target, phi_dir, tmp
         lambda model: site_counts.append(len(model.sites)) or model)(original(*args, **kwargs)))
     benchmark.main(["--name", "where", "--results-dir", str(tmp_path), "--targets", f"toy={target}:6", "--archs",
                     "conv4", "--methods", "metaperturb", "--perturbations", f"rand={phi_dir}", "--placements",
-                    "all,top:1,top_bottom:1", "--seeds", "0", "--steps", "1", "--batch-size", "8", "--mc-samples", "2"])
+                    "all,top:1,top_bottom:1", "--seeds", "0", "--steps", "1", "--batch-size", "8",
+                    "--mc-samples", "2"])
     assert site_counts == [4, 1, 2]  # Conv4: four sites; the last one; the first and the last
     records = [json.loads(line) for line in (tmp_path / "where.jsonl").read_text().splitlines()]
     assert [(r["source"], r.get("placement")) for r in records if r["method"] == "metaperturb"] == [
@@ -150,7 +153,8 @@ def test_benchmark_grid_trains_each_noise_strength_as_its_own_column(target, phi
 
 
 def test_quickstart_runs_in_reduced_mode(tmp_path):
-    load_script("quickstart").main(["--quick", "--steps", "3", "--train-per-class", "5", "--output-dir", str(tmp_path)])
+    load_script("quickstart").main(["--quick", "--steps", "3", "--train-per-class", "5",
+                                    "--output-dir", str(tmp_path)])
     result = json.loads((tmp_path / "quickstart_results.json").read_text())
     assert set(result["summary"]) == {"none", "metaperturb", "metaperturb_single_pass"}
     # The records name their target and φ as the model cards look them up (source "-" without φ), with the κ below 1
@@ -187,7 +191,8 @@ def test_selection_keeps_the_best_candidate_scored_on_held_out_classes(tmp_path)
     output = tmp_path / "selection"
     args = ["--dataset", str(source), "--architectures", "conv4", "--image_size", "16", "--batch_size", "8",
             "--steps", "2", "--checkpoint_every", "0", "--seeds", "0,1", "--num_groups", "2", "--holdout_classes", "2",
-            "--score_steps", "2", "--score_train_per_class", "5", "--score_mc_samples", "2", "--output_dir", str(output)]
+            "--score_steps", "2", "--score_train_per_class", "5", "--score_mc_samples", "2",
+            "--output_dir", str(output)]
     load_script("select_perturbation").main(args)
 
     records = {name: json.loads((output / name / "meta_training.json").read_text()) for name in ("seed-0", "seed-1")}
@@ -217,7 +222,8 @@ def test_trainer_transfer_trains_resumes_and_saves_a_transformers_classifier(tar
     script.main([*common, "--max_steps", "2"])
     script.main([*common, "--max_steps", "3", "--resume", "true"])
     state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["global_step"] == 3 and [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3]
+    assert state["global_step"] == 3 and [entry["step"] for entry in state["log_history"]
+                                          if "loss" in entry] == [1, 2, 3]
     results = json.loads((tmp_path / "transfer_results.json").read_text())
     assert results["mc"]["num_samples"] == 2 and results["single_pass"]["mode"] == "single_pass"
     assert all(0 <= record["accuracy"] <= 1 and record["n"] == 12 for record in results.values())
@@ -230,11 +236,13 @@ def test_trainer_transfer_trains_resumes_and_saves_a_transformers_classifier(tar
 def test_transfer_script_trains_a_transformers_classifier_from_its_config(target, phi_dir, tmp_path):
     from transformers import ResNetConfig
 
-    ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic").save_pretrained(tmp_path / "cfg")
+    ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic").save_pretrained(
+        tmp_path / "cfg")
     output = tmp_path / "out.json"
     load_script("transfer").main([
         "--dataset", str(target), "--hf-model", str(tmp_path / "cfg"), "--image-size", "16", "--method", "metaperturb",
-        "--perturbation", str(phi_dir), "--steps", "2", "--batch-size", "8", "--mc-samples", "2", "--output", str(output),
+        "--perturbation", str(phi_dir), "--steps", "2", "--batch-size", "8", "--mc-samples", "2",
+        "--output", str(output),
     ])
     records = json.loads(output.read_text())["records"]
     assert [r["method"] for r in records] == ["metaperturb", "metaperturb_single_pass"]

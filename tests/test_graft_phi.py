@@ -72,8 +72,10 @@ def test_set_edits_one_filter_or_weight_after_the_graft(script, tmp_path):
     torch.testing.assert_close(edited["scale_weight"][keep], original["scale_weight"][keep], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("setting, complaint", [("scale_weight[10]=0", "10 entries"), ("bias[0]=1", "names a parameter"),
-                                                ("scale_weight[0]=x", "not a number"), ("scale_weight=0", "NAME[INDEX]")])
+@pytest.mark.parametrize("setting, complaint", [("scale_weight[10]=0", "10 entries"),
+                                                ("bias[0]=1", "names a parameter"),
+                                                ("scale_weight[0]=x", "not a number"),
+                                                ("scale_weight=0", "NAME[INDEX]")])
 def test_set_refuses_what_phi_does_not_have(script, tmp_path, capsys, setting, complaint):
     base = saved_phi(tmp_path / "base", 0)
     with pytest.raises(SystemExit):

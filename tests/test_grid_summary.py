@@ -43,7 +43,8 @@ def test_the_matched_statistics_get_their_column_and_a_partial_one_says_how_many
                single(0, "matched", {"0.0": 0.20, "1.0": 0.25, "matched": 0.31}),
                record("metaperturb", 1, 0.40, "phi"), single(1, 1.0, {"0.0": 0.30, "1.0": 0.41})]
     row = grid_summary.single_pass_table(records).splitlines()[-1]
-    assert row == "| cub | conv4 | phi | 2 | 35.00 | 36.00 | 25.00 | 33.00 | 31.00 (1 of 2 seeds) | -1.00 | matched, 1 |"
+    assert row == ("| cub | conv4 | phi | 2 | 35.00 | 36.00 | 25.00 | 33.00 | 31.00 (1 of 2 seeds) | -1.00 | "
+                   "matched, 1 |")
 
 
 def test_a_candidate_that_broke_the_single_pass_is_left_out_of_its_mean():
@@ -55,7 +56,8 @@ def test_a_candidate_that_broke_the_single_pass_is_left_out_of_its_mean():
 
 def test_metaperturb_is_set_against_the_best_other_regularizer_by_mean():
     records = [record("none", 0, 0.30), record("dropout", 0, 0.31), record("dropout", 1, 0.33),
-               record("dropblock", 0, 0.34), record("metaperturb", 0, 0.35, "phi"), record("metaperturb", 0, 0.20, "psi"),
+               record("dropblock", 0, 0.34), record("metaperturb", 0, 0.35, "phi"),
+               record("metaperturb", 0, 0.20, "psi"),
                record("metaperturb_single_pass", 0, 0.50, "phi")]  # the single pass is not an MC column
     row = grid_summary.regularizer_table(records).splitlines()[-1]
     assert row == "| cub | conv4 | 30.00 (1) | dropblock 34.00 (1) | phi 35.00 (1) | +1.00 |"
@@ -88,22 +90,25 @@ def test_the_headline_pairs_every_default_setting_with_none_and_leaves_chosen_se
 
 
 def test_the_targets_table_judges_one_phi_setting_against_none_the_best_other_and_its_mc():
-    records = [record("none", 0, 0.30), record("none", 1, 0.40), record("dropout", 0, 0.31), record("dropout", 1, 0.45),
+    records = [record("none", 0, 0.30), record("none", 1, 0.40), record("dropout", 0, 0.31),
+               record("dropout", 1, 0.45),
                record("metaperturb", 0, 0.33, "phi κ=0.5"), single(0, 0.0, {"0.0": 0.315}) | {"source": "phi κ=0.5"},
                record("metaperturb", 1, 0.41, "phi κ=0.5"), single(1, 0.0, {"0.0": 0.42}) | {"source": "phi κ=0.5"},
-               record("metaperturb", 0, 0.90, "phi"), record("metaperturb", 1, 0.90, "phi")]  # full strength: not judged
+               # full strength: not judged
+               record("metaperturb", 0, 0.90, "phi"), record("metaperturb", 1, 0.90, "phi")]
     lines = grid_summary.targets_table(records, "phi κ=0.5").splitlines()
     assert lines[2] == "| cub | conv4 | 35.00 (2) | +2.00 ± 1.41 | 2 of 2 | dropout +3.00 ± 2.83 | 1.50 |"
     assert lines[-1] == ("Against the targets: above none (mean over seeds) in 1 of 1 cells (target: all); mean gain "
                          "+2.00 points (target: ≥ +2); MetaPerturb minus the best other regularizer -1.00 points on "
-                         "average over the 1 cells where others ran (target: ≥ 0); single pass within 1 point of MC-10 "
-                         "on every seed in 0 of 1 cells with a single pass (target: all).")
+                         "average over the 1 cells where others ran (target: ≥ 0); single pass within 1 point "
+                         "of MC-10 on every seed in 0 of 1 cells with a single pass (target: all).")
 
 
 def test_a_mean_gain_that_is_a_tie_up_to_float_rounding_is_not_counted_above_none():
     records = [record("none", seed, accuracy) for seed, accuracy in enumerate([0.1, 0.3, 0.2])]
     records += [record("metaperturb", seed, accuracy, "phi") for seed, accuracy in enumerate([0.3, 0.2, 0.1])]
-    assert statistics.mean(grid_summary.paired_gains(records, lambda r: True)[("cub", "conv4", "metaperturb [phi]")]) > 0
+    assert statistics.mean(
+        grid_summary.paired_gains(records, lambda r: True)[("cub", "conv4", "metaperturb [phi]")]) > 0
     assert "above none (mean over seeds) in 0 of 1 cells" in grid_summary.targets_table(records, "phi")
 
 

@@ -138,7 +138,8 @@ out["modules_after_refusal"], out["code_after_refusal"] = custom_modules(), code
 
 model = AutoModel.from_pretrained(repo, trust_remote_code=True)
 old = AutoModel.from_pretrained(repo, trust_remote_code=True, revision=first_sha)
-out["module"], out["old_module"], out["model_type"] = type(model).__module__, type(old).__module__, model.config.model_type
+out["module"], out["old_module"], out["model_type"] = (type(model).__module__, type(old).__module__,
+                                                       model.config.model_type)
 out["main_state"], out["main_out"] = state(model), run(model)
 out["first_state"], out["first_out"] = state(old), run(old)
 out["code_after_load"] = code_files()
@@ -216,7 +217,8 @@ def test_push_then_remote_code_load_without_package_gives_identical_outputs(phi_
     assert not torch.equal(pushed["first_out"], pushed["second_out"])
     # The remote code and weights came over HTTP: LFS-marked weights, code files as regular blobs.
     files = hub.server.files(PHI_REPO)
-    assert {"config.json", "model.safetensors", "configuration_metaperturb.py", "modeling_metaperturb.py"} <= set(files)
+    assert {"config.json", "model.safetensors", "configuration_metaperturb.py",
+            "modeling_metaperturb.py"} <= set(files)
     assert json.loads(files["config.json"])["auto_map"] == {
         "AutoConfig": "configuration_metaperturb.MetaPerturbConfig",
         "AutoModel": "modeling_metaperturb.MetaPerturbModel",
@@ -254,7 +256,8 @@ def test_second_push_is_a_new_commit_and_old_revision_stays_loadable(phi_hub):
     assert pushes == [first, second]
     _assert_same_state(pushed["at_first_state"], pushed["first_state"])
     _assert_same_state(pushed["at_main_state"], pushed["second_state"])
-    assert hub.server.files(PHI_REPO, first)["model.safetensors"] != hub.server.files(PHI_REPO, second)["model.safetensors"]
+    assert (hub.server.files(PHI_REPO, first)["model.safetensors"]
+            != hub.server.files(PHI_REPO, second)["model.safetensors"])
     # The unchanged config.json was skipped by the client (preupload returned its oid), the weights were not.
     commits = hub.server.requests_matching("POST", rf"^/api/models/{PHI_REPO}/commit/main$")
     assert len(commits) == 2
@@ -270,7 +273,8 @@ def test_perturbed_classifier_pushed_and_loaded_back_gives_identical_eval_output
     assert perturbed["loaded_placement"] == perturbed["config_by_repo_id"] == perturbed["placement"]
     assert perturbed["placement"]["noise_mode"] == "mean" and perturbed["placement"]["format_version"] == 1
     _assert_same_state(perturbed["state_after"], perturbed["state_before"])
-    means = [v for k, v in perturbed["state_before"].items() if k.startswith("site_statistics.") and k.endswith("_mean")]
+    means = [v for k, v in perturbed["state_before"].items()
+             if k.startswith("site_statistics.") and k.endswith("_mean")]
     assert means and all(v.abs().sum() > 0 for v in means)   # the site statistics left their initial zeros
     for before, after in zip(perturbed["before"], perturbed["after"]):     # "mean" noise, then sampled noise
         assert torch.equal(before, after)
@@ -365,7 +369,8 @@ report = {"before": digest(folder), "push": {}, "download": {}}
 def push(token=None):
     return push_perturbation_folder(folder, repo, token=token)
 
-for name, call in [("server error", push), ("connection dropped", push), ("read-only token", lambda: push("hf_reader")),
+for name, call in [("server error", push), ("connection dropped", push),
+                   ("read-only token", lambda: push("hf_reader")),
                    ("unknown token", lambda: push("hf_wrong")), ("ok", push)]:
     report["push"][name] = attempt(call)
 live, constants.ENDPOINT = constants.ENDPOINT, closed
@@ -407,8 +412,10 @@ def test_failed_pushes_and_downloads_say_what_failed_and_leave_the_folder_intact
             push["unknown token"]["message"]
         for name in ("read-only token", "unknown token"):
             assert "authorisation refused: check the token" in push[name]["message"]
-        assert f"on {closed} failed while creating the repository: ConnectionRefusedError" in push["connection refused"]["message"]
-        assert all("Nothing local was changed" in outcome["message"] for outcome in push.values() if "error" in outcome)
+        assert (f"on {closed} failed while creating the repository: ConnectionRefusedError"
+                in push["connection refused"]["message"])
+        assert all("Nothing local was changed" in outcome["message"]
+                   for outcome in push.values() if "error" in outcome)
         assert report["after"] == report["before"]
         assert len(hub.server.commit_shas(repo)) == 2   # the failed attempts created nothing
         assert RELEASE | {"README.md"} <= set(hub.server.files(repo))
@@ -416,8 +423,10 @@ def test_failed_pushes_and_downloads_say_what_failed_and_leave_the_folder_intact
         assert download["ok"]["ok"] == sorted(RELEASE | {"README.md"})
         assert download["server error"]["error"] == "HubError" and (
             f"Downloading model.safetensors from {repo}@main on {hub.endpoint} (commit "
-            in download["server error"]["message"]) and "HTTP 500 (Injected fault)" in download["server error"]["message"]
-        assert f"Looking up {repo}@main on {closed} failed: ConnectionRefusedError" in download["connection refused"]["message"]
+            in download["server error"]["message"]) and (
+            "HTTP 500 (Injected fault)" in download["server error"]["message"])
+        assert (f"Looking up {repo}@main on {closed} failed: ConnectionRefusedError"
+                in download["connection refused"]["message"])
         assert "Looking up testuser/none@main" in download["no such repo"]["message"]
         assert download["no such repo"]["cause"] == "RepositoryNotFoundError"
 

@@ -51,7 +51,8 @@ def expected_cells(results: dict[str, list[dict]], source: str) -> list[tuple]:
     """The same, recomputed from the records: the mean of each of this φ's benchmark-table cells."""
     return sorted((target, arch, column, round(statistics.mean(values), 2))
                   for records in results.values()
-                  for (target, arch, column), values in accuracy_cells([r for r in records if r["source"] == source]).items())
+                  for (target, arch, column), values in accuracy_cells(
+                      [r for r in records if r["source"] == source]).items())
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,8 @@ def test_release_loads_and_matches_its_record(folder):
     record = json.loads((folder / "meta_training.json").read_text())
     assert record["num_tasks"] == len(record["tasks"]) and 0 < record["steps"] <= 750
     for name in ("modeling_metaperturb.py", "configuration_metaperturb.py"):  # trust_remote_code gets today's code
-        assert (folder / name).read_text() == (ROOT / "metaperturb_hf" / name).read_text(), f"{folder.name}/{name} is stale"
+        assert (folder / name).read_text() == (ROOT / "metaperturb_hf" / name).read_text(), (
+            f"{folder.name}/{name} is stale")
 
 
 @pytest.mark.parametrize("folder", RELEASES, ids=lambda p: p.name)
@@ -96,7 +98,8 @@ def test_card_numbers_are_those_of_the_records(folder, regenerated):
     results = write_cards.default_results()
     source = source_name(folder)
     assert eval_cells(card) == expected_cells(results, source)
-    assert card.content == regenerated[folder].content, f"{folder.name}/README.md is stale: python scripts/write_cards.py"
+    assert card.content == regenerated[folder].content, (
+        f"{folder.name}/README.md is stale: python scripts/write_cards.py")
 
 
 def test_authors_card_explains_the_conversion(official_checkpoint, tmp_path):
@@ -130,7 +133,8 @@ def _record(source, target, arch, method, seed, accuracy):
 
 
 def test_a_cell_where_the_phi_ran_only_at_another_strength_is_on_its_card():
-    grid = [_record("-", "cub", "vgg9", "none", 0, 0.40), _record("mine κ=0.5", "cub", "vgg9", "metaperturb", 0, 0.45)]
+    grid = [_record("-", "cub", "vgg9", "none", 0, 0.40),
+            _record("mine κ=0.5", "cub", "vgg9", "metaperturb", 0, 0.45)]
     card = build_model_card({"steps": 3}, {"grid.jsonl": grid}, model_name="me/phi", source="mine")
     assert "| cub | vgg9 | metaperturb [mine κ=0.5] | +5.00 (1 seed) | 1 of 1 |" in card.text
     assert card.data.eval_results is None  # the model-index holds the φ's own columns only
@@ -140,7 +144,8 @@ def test_card_parses_back_with_the_numbers_of_the_benchmark_table(tmp_path):
     grid = [_record("-", "cub", "conv4", "none", s, a) for s, a in enumerate([0.30, 0.32, 0.31])]
     grid += [_record("mine", "cub", "conv4", "metaperturb", s, a) for s, a in enumerate([0.33, 0.35, 0.30])]
     grid += [_record("mine", "cub", "conv4", "metaperturb_single_pass", s, a) for s, a in enumerate([0.2, 0.25, 0.3])]
-    grid += [_record("other", "cub", "resnet20", "metaperturb", 0, 0.4), _record("-", "cub", "resnet20", "none", 0, 0.5)]
+    grid += [_record("other", "cub", "resnet20", "metaperturb", 0, 0.4),
+             _record("-", "cub", "resnet20", "none", 0, 0.5)]
     grid += [_record("mine κ=0.5", "cub", "conv4", "metaperturb", 0, 0.34), _record("other κ=0.5", "cub", "conv4",
                                                                                     "metaperturb", 0, 0.9)]
     check = [_record("mine", "cifar10", "resnet20", "metaperturb", 0, 0.6)]

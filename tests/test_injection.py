@@ -62,7 +62,8 @@ def test_norms_are_the_largest_channels_and_spatial_size(perturbation):
     assert (perturbed.channel_norm, perturbed.spatial_norm) == (64.0, 32.0)
     conv4 = add_perturbation(create_model("conv4", num_classes=10, width=48), perturbation)
     assert (conv4.channel_norm, conv4.spatial_norm) == (48.0, 32.0)
-    overridden = add_perturbation(create_model("conv4", num_classes=10), perturbation, channel_norm=512, spatial_norm=84)
+    overridden = add_perturbation(create_model("conv4", num_classes=10), perturbation, channel_norm=512,
+                                  spatial_norm=84)
     assert (overridden.channel_norm, overridden.spatial_norm) == (512.0, 84.0)
 
 

@@ -43,7 +43,8 @@ def trainer(tmp_path, **overrides):
 
 def run_script(args, output_dir, launcher=(), env_extra=None, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    command = [*launcher, *( [sys.executable] if not launcher else []), str(SCRIPT), *TINY, *args, "--output-dir", str(output_dir)]
+    command = [*launcher, *( [sys.executable] if not launcher else []), str(SCRIPT), *TINY, *args,
+               "--output-dir", str(output_dir)]
     return subprocess.run(command, env=env, capture_output=True, text=True, **kwargs)
 
 
@@ -166,7 +167,8 @@ def test_a_killed_run_resumes_to_the_same_phi(parquet_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout + resumed.stderr
     assert_same_phi(phi_of(tmp_path / "reference"), phi_of(tmp_path / "killed"), atol=1e-6)
-    logged = [[json.loads(line)["step"] for line in (tmp_path / run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    logged = [[json.loads(line)["step"]
+               for line in (tmp_path / run / "logs" / "metrics.jsonl").read_text().splitlines()]
               for run in ("reference", "killed")]
     assert logged[1] == logged[0] == list(range(1, 9))  # what the killed run logged past checkpoint-4 is not repeated
     record = (tmp_path / "killed" / "meta_training.json").read_text()
@@ -229,7 +231,8 @@ def test_phi_statistics_cut_the_gradient_into_phis_groups():
     phi = initial_phi(MetaTrainingConfig(architectures=["conv4"]))
     flat = torch.cat([p.detach().flatten() for p in phi.parameters()])
     stats = phi_statistics(phi, 2 * flat)  # a gradient along the parameters: every cosine is 1
-    assert all(stats[f"phi/grad_cos_{g}"] == pytest.approx(1) for g in ("lambda1", "lambda2", "gamma1", "gamma2", "K", "w"))
+    assert all(stats[f"phi/grad_cos_{g}"] == pytest.approx(1)
+               for g in ("lambda1", "lambda2", "gamma1", "gamma2", "K", "w"))
     assert stats["phi/grad_norm_lambda2"] == pytest.approx(2 * float(phi.identity_kernels[1].detach().norm()))
     assert stats["phi/mean_abs_gamma1"] == pytest.approx(float(phi.mean_kernels[0].detach().abs().mean()))
 
@@ -267,7 +270,8 @@ def test_meta_training_starts_from_a_given_phi(tmp_path):
         torch.testing.assert_close(started, expected)
     t.train()
     assert not torch.equal(t.phi.scale_weight, given.scale_weight)  # it trains from there
-    assert json.loads((tmp_path / "out" / "meta_training.json").read_text())["phi_init_from"] == str(tmp_path / "given")
+    assert (json.loads((tmp_path / "out" / "meta_training.json").read_text())["phi_init_from"]
+            == str(tmp_path / "given"))
 
 
 @pytest.mark.parametrize(("mode", "optimizer"), [("l2", torch.optim.Adam), ("decoupled", torch.optim.AdamW)])

@@ -215,7 +215,8 @@ def test_trust_remote_code_loads_without_the_package(perturbation, tmp_path):
     torch.save({"h": h, "eps": eps, "mean": mean, "var": var}, tmp_path / "inputs.pt")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
     subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(model_dir), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(model_dir), str(tmp_path / "inputs.pt"),
+         str(tmp_path / "out.pt")],
         check=True, cwd=tmp_path, env=env, capture_output=True,
     )
     expected = perturbation.eval()(h, mean, var, 16.0, 8.0, noise_coeff=0.7, noise=eps)

@@ -75,7 +75,8 @@ def test_hand_written_backward_matches_autograd(training, kappa, clip, expected_
         x = h.clone().requires_grad_()
         out = function(x)
         (out * upstream).sum().backward()
-        return out.detach(), [x.grad] + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in phi.parameters()]
+        return out.detach(), [x.grad] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                         for p in phi.parameters()]
 
     ours, our_grads = gradients(lambda x: phi(x, *(s.clone() for s in stats), 16, 8, noise_coeff=kappa,
                                               noise=None if expected_noise else eps, clip_value=clip,

@@ -1,5 +1,5 @@
-"""benchmarks/plot_meta_training.py: the median gradient norm per group and window of logged steps, and φ's group sizes
-at given steps."""
+"""benchmarks/plot_meta_training.py: the median gradient norm per group and window of logged steps, and φ's group
+sizes at given steps."""
 
 import json
 
@@ -20,7 +20,8 @@ def test_gradient_medians_take_each_window_half_open_and_ignore_a_spike():
 
 def _row(step, noise_generator, z_per_site):
     magnitudes = dict(zip(plot_meta_training.PHI_GROUPS, (*noise_generator, 0.5, 0.25)))
-    return {"step": step, "valid_accuracy": 0.1, **{f"phi/mean_abs_{group}": value for group, value in magnitudes.items()},
+    return {"step": step, "valid_accuracy": 0.1,
+            **{f"phi/mean_abs_{group}": value for group, value in magnitudes.items()},
             **{f"site{site}/mean_z": z for site, z in enumerate(z_per_site)}}
 
 

@@ -41,7 +41,8 @@ def load_refresh_docs():
 
 def test_the_tables_made_from_records_are_generated_blocks_and_none_is_stale():
     refresh_docs = load_refresh_docs()
-    present = {(path.name, *block) for path in refresh_docs.DOCUMENTS for block in refresh_docs.blocks(path.read_text())}
+    present = {(path.name, *block)
+               for path in refresh_docs.DOCUMENTS for block in refresh_docs.blocks(path.read_text())}
     wanted = {("README.md", "grid_1500", "headline_table"), ("README.md", "grid_1500", "targets_table")} | {
         ("results.md", "grid_1500", name)
         for name in ("markdown_table", "gain_table", "single_pass_table", "regularizer_table", "placement_table")
@@ -57,7 +58,8 @@ def test_refresh_rewrites_a_stale_block_and_names_an_unknown_table(tmp_path):
     stale = "before\n<!-- generated: grid_1500 count -->\nold\n<!-- end generated -->\nafter\n"
     fresh = refresh_docs.refreshed(stale, makers)
     records = len(refresh_docs.load_records(refresh_docs.RESULTS / "grid_1500.jsonl"))
-    assert fresh == f"before\n<!-- generated: grid_1500 count -->\n\n{records} records\n\n<!-- end generated -->\nafter\n"
+    assert fresh == (f"before\n<!-- generated: grid_1500 count -->\n\n{records} records\n\n"
+                     "<!-- end generated -->\nafter\n")
     assert refresh_docs.refreshed(fresh, makers) == fresh
     with pytest.raises(ValueError, match="unknown table 'nope'"):
         refresh_docs.refreshed(stale.replace("count", "nope"), makers)

@@ -186,7 +186,8 @@ def test_a_push_failing_at_any_step_says_which_and_the_retry_succeeds(report, na
 
 @pytest.mark.parametrize("name", ["lfs upload dropped once", "lfs batch 500 once"])
 def test_a_failed_lfs_request_is_retried_by_the_client_itself(report, name):
-    """huggingface_hub retries LFS requests with backoff (1, 2, 4, 8, 8 s): one failure costs a second, not the push."""
+    """huggingface_hub retries LFS requests with backoff (1, 2, 4, 8, 8 s): one failure costs a second, not the
+    push."""
     outcome = report["upload"][name]
     assert outcome["failed"] and "ok" in outcome["first"] and outcome["commits"] == 2 and outcome["same_bytes"]
 

@@ -198,7 +198,8 @@ def test_a_noise_of_another_shape_is_a_value_error(shape, data):
 
 # ------------------------------------------------------------------------------------------------ perturbed models
 class SmallNet(nn.Module):
-    """conv → ReLU (a site) → conv → BatchNorm → ReLU (a site) → pool → linear; takes unbatched (C, H, W) too."""
+    """conv → ReLU (a site) → conv → BatchNorm → ReLU (a site) → pool → linear; takes unbatched (C, H, W)
+    too."""
 
     def __init__(self, width: int, classes: int = 3, norm: bool = True):
         super().__init__()

@@ -232,7 +232,8 @@ def runs(plan, tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", _DRIVER, str(root), json.dumps(plan)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=PEER_DEADLINE + 200)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT=")]
-    assert proc.returncode == 0 and lines, f"driver failed (seed {SEED}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0 and lines, (f"driver failed (seed {SEED}):\n{proc.stdout[-3000:]}\n"
+                                            f"{proc.stderr[-3000:]}")
     return root, json.loads(lines[-1][len("REPORT="):])
 
 

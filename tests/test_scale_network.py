@@ -1,4 +1,5 @@
-"""benchmarks/scale_network.py: the s it recomputes is the s that φ applies, and its descriptor sweep passes through it."""
+"""benchmarks/scale_network.py: the s it recomputes is the s that φ applies, and its descriptor sweep passes through
+it."""
 
 import math
 

@@ -362,7 +362,8 @@ def test_when_every_candidate_breaks_the_single_pass_the_error_says_to_sample(pe
 @pytest.mark.parametrize("break_all", [False, True])
 def test_run_transfer_keeps_what_survives_statistics_that_break_the_single_pass(perturbation, monkeypatch, caplog,
                                                                               break_all):
-    """A candidate that breaks the single pass is recorded with accuracy None; if all do, the MC record stands alone."""
+    """A candidate that breaks the single pass is recorded with accuracy None; if all do, the MC record stands
+    alone."""
     from test_transfer import separable_data
 
     from metaperturb_hf.methods import run_transfer
@@ -400,7 +401,8 @@ def test_a_calibration_that_overflows_leaves_the_statistics_from_training_as_the
 
     def overflowing_under_noise(self, *args, **kwargs):
         if self.noise_coeff > 0:  # the noise-off calibration (κ = 0) still works
-            raise NonFiniteFeaturesError("At perturbation site 'act4' (32 channels): hidden_states contains NaN or Inf")
+            raise NonFiniteFeaturesError("At perturbation site 'act4' (32 channels): hidden_states contains NaN "
+                                         "or Inf")
         return calibrate(self, *args, **kwargs)
 
     monkeypatch.setattr(PerturbedModel, "calibrate_single_pass", overflowing_under_noise)

@@ -102,7 +102,8 @@ def test_among_equally_agreeing_candidates_the_softmax_closest_to_mcs_is_kept(pe
     model.calibrate_single_pass(calibration_batches())
     reference = torch.tensor([0.7, 0.2, 0.1, 0.0, 0.0])
     confident, close = model.single_pass_statistics, fit_single_pass_statistics(model, calibration_batches(), steps=1)
-    given = {id(confident): torch.tensor([0.99, 0.01, 0.0, 0.0, 0.0]), id(close): torch.tensor([0.6, 0.25, 0.15, 0, 0])}
+    given = {id(confident): torch.tensor([0.99, 0.01, 0.0, 0.0, 0.0]),
+             id(close): torch.tensor([0.6, 0.25, 0.15, 0, 0])}
 
     def mc(self, *args, num_samples=1, **kwargs):
         return reference.expand(len(args[0]), -1)

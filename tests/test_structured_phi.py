@@ -1,4 +1,5 @@
-"""benchmarks/structured_phi.py: γ₁, λ₂ and γ₂ at the gain on every tap, the rest as meta-training draws it."""
+"""benchmarks/structured_phi.py: γ₁, λ₂ and γ₂ at the gain on every tap, the rest as meta-training draws
+it."""
 
 import pytest
 import torch

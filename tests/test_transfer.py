@@ -72,7 +72,8 @@ def test_our_loop_anneals_to_phis_own_strength_unless_told_otherwise():
 
 def test_the_plain_model_trains_in_the_same_loop():
     model = create_model("conv4", num_classes=3, image_size=16)
-    result = train_classifier(model, separable_data(), TransferConfig(steps=20, batch_size=16, log_every=1), progress=False)
+    result = train_classifier(model, separable_data(), TransferConfig(steps=20, batch_size=16, log_every=1),
+                              progress=False)
     losses = [record["loss"] for record in result["history"]]
     assert sum(losses[-5:]) < sum(losses[:5])
 

@@ -52,7 +52,8 @@ def triton_calls(triton_kernel):
         assert module.INTERPRETED != CUDA, "phi_triton was imported before TRITON_INTERPRET was set (or unset)"
         calls = collections.Counter()
         for name in ("forward", "backward"):
-            patch.setattr(module, name, lambda *args, _name=name, _run=getattr(module, name):  # noqa: B008 (bound per name)
+            patch.setattr(module, name,
+                          lambda *args, _name=name, _run=getattr(module, name):  # noqa: B008 (bound per name)
                           calls.update([_name]) or _run(*args))
         yield calls
 

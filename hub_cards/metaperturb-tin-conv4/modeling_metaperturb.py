@@ -73,7 +73,8 @@ def _stencil(features: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def _stencil_transposed(grad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """The input gradient of `_stencil`: the same stencil with the kernel flipped (a forward pass, no conv backward)."""
+    """The input gradient of `_stencil`: the same stencil with the kernel flipped (a forward pass, no conv
+    backward)."""
     return _stencil(grad, kernel.flip(-2, -1))
 
 
@@ -240,8 +241,8 @@ class _PerturbFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, grad_scale_unused, grad_noise_mean_unused):
         settings = ctx.settings
-        (h, hidden_active, noise_argument, noise, pooled, features, scale, identity_kernels, mean_kernels, stat_kernels,
-         scale_weight) = ctx.saved_tensors
+        (h, hidden_active, noise_argument, noise, pooled, features, scale, identity_kernels, mean_kernels,
+         stat_kernels, scale_weight) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: this backward is differentiated again (lookahead meta-training)
             differentiable = [h, identity_kernels, mean_kernels, stat_kernels, scale_weight]
             output = _differentiable_output(*differentiable, features, noise, ctx.seed, settings, ctx.clipped)
@@ -290,7 +291,8 @@ class _PerturbFunction(torch.autograd.Function):
             grad_pooled = grad_features[None, :, :num_filters] / batch
             if batch > 1:
                 centered = pooled - pooled.mean(dim=0)
-                grad_pooled = grad_pooled + grad_features[None, :, num_filters:2 * num_filters] * 2 * centered / (batch - 1)
+                grad_pooled = (grad_pooled
+                               + grad_features[None, :, num_filters:2 * num_filters] * 2 * centered / (batch - 1))
             grad_pooled = (grad_pooled / (height * width)).to(x.dtype).expand(batch, channels, num_filters)
             for k, kernel in enumerate(stat_kernels):
                 active = _stencil(x, kernel).gt_(0)  # where ReLU(K ⋆ h) passes gradient; in place keeps the layout
@@ -354,14 +356,14 @@ class MetaPerturbModel(PreTrainedModel):
 
     For a feature map h of shape (B, C, H, W) it computes
 
-    - noise `z = softplus(μ + ε)`, `μ = PE₂(ReLU(PE₁(h)))`, where `PE(h)_c = λ ⋆ h_c + γ ⋆ mean_c'(h_c')` is a
-      channel-equivariant 3×3 convolution;
+    - noise `z = softplus(μ + ε)`, `μ = PE₂(ReLU(PE₁(h)))`, where `PE(h)_c = λ ⋆ h_c + γ ⋆ mean_c'(h_c')`
+      is a channel-equivariant 3×3 convolution;
     - a channel scale `s_c = sigmoid(w · [m_c, v_c, C / C_norm, H / H_norm])` from the batch mean m and variance v of
       `u = mean_HW ReLU(K ⋆ h_c)` (four 3×3 filters K), or from running statistics in evaluation;
     - the output `h ⊙ ((s ⊙ z − 1)·κ + 1)`, clamped at `clip_value` when one is given.
 
-    Parameters (all N(0, `initializer_range`)): `identity_kernels` (λ₁, λ₂), `mean_kernels` (γ₁, γ₂), `stat_kernels`
-    (K₁..K₄) and `scale_weight` (w, ordered [mean × 4, var × 4, channel, size]).
+    Parameters (all N(0, `initializer_range`)): `identity_kernels` (λ₁, λ₂), `mean_kernels` (γ₁, γ₂),
+    `stat_kernels` (K₁..K₄) and `scale_weight` (w, ordered [mean × 4, var × 4, channel, size]).
     """
 
     config: MetaPerturbConfig
@@ -418,7 +420,8 @@ class MetaPerturbModel(PreTrainedModel):
             raise ValueError(f"{source} does not hold the weights of a MetaPerturb φ: {details}.")
         broken = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
         if broken:
-            raise ValueError(f"{source} holds NaN or Inf in {broken}; the file is damaged or comes from a diverged run.")
+            raise ValueError(f"{source} holds NaN or Inf in {broken}; the file is damaged or comes from a "
+                             "diverged run.")
         return (model, info) if output_loading_info else model
 
     @contextmanager

@@ -19,10 +19,10 @@ the kernel of the features' device (`triton` on CUDA, `cpu` elsewhere) where it 
 against eager, else eager with one log line saying why; `cpu` and `triton` insist (an error if that kernel cannot be
 loaded or fails the check). Either way a kernel only takes what it implements: float32/float64 features on its device
 with φ in the same precision, 3×3 kernels and four statistics filters, drawn or explicit noise or the expected-noise
-mode of the single pass (eager's 8-node Gauss–Hermite rule: the CPU kernel shares one exponential among the nodes), and
-for Triton at most 4096 channels (a tile holds every channel of its pixels). Other devices and dtypes, another node
-count, and a backward that is itself differentiated (create_graph, lookahead meta-training: it reruns φ's eager math on
-the same noise) use the eager code.
+mode of the single pass (eager's 8-node Gauss–Hermite rule: the CPU kernel shares one exponential among the nodes),
+and for Triton at most 4096 channels (a tile holds every channel of its pixels). Other devices and dtypes, another node
+count, and a backward that is itself differentiated (create_graph, lookahead meta-training: it reruns φ's eager math
+on the same noise) use the eager code.
 """
 
 from .dispatch import availability, select, unsupported

@@ -11,26 +11,28 @@ from torch import Tensor
 
 from .loading import extension
 
-EXPECTED_NOISE_NODES = 8  # the expected-noise mode's Gauss–Hermite nodes, fixed in the kernels (kNodes in phi_cpu.cpp)
+# the expected-noise mode's Gauss–Hermite nodes, fixed in the kernels (kNodes in phi_cpu.cpp)
+EXPECTED_NOISE_NODES = 8
 
 
 @torch.library.custom_op("metaperturb::phi_forward", mutates_args=())
 def phi_forward(h: Tensor, identity_kernels: Tensor, mean_kernels: Tensor, stat_kernels: Tensor, scale_weight: Tensor,
                 running_mean: Tensor, running_var: Tensor, noise: Tensor | None, seed: Tensor | None,
                 quadrature: Tensor | None, noise_coeff: float, clip_value: float | None, channel_descriptor: float,
-                spatial_descriptor: float, training: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                spatial_descriptor: float, training: bool,
+                kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """φ's fused forward on `kernel` ("cpu" or "triton"): (output, s, mean z, pooled responses, features).
 
     `quadrature` (Gauss–Hermite nodes and weights, shape (2, 8)) asks for the expected-noise mode; noise and seed are
     then None."""
     return tuple(extension(kernel).forward(h, identity_kernels, mean_kernels, stat_kernels, scale_weight,
-                                            running_mean, running_var, noise, seed, quadrature, noise_coeff, clip_value,
-                                            channel_descriptor, spatial_descriptor, training))
+                                            running_mean, running_var, noise, seed, quadrature, noise_coeff,
+                                            clip_value, channel_descriptor, spatial_descriptor, training))
 
 
 @phi_forward.register_fake
-def _(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean, running_var, noise, seed, quadrature,
-      noise_coeff, clip_value, channel_descriptor, spatial_descriptor, training, kernel):
+def _(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mean, running_var, noise, seed,
+      quadrature, noise_coeff, clip_value, channel_descriptor, spatial_descriptor, training, kernel):
     batch, channels = h.shape[:2]
     filters = stat_kernels.shape[0]
     return (torch.empty_like(h), h.new_empty(channels), h.new_empty(()),
@@ -42,7 +44,8 @@ def _(h, identity_kernels, mean_kernels, stat_kernels, scale_weight, running_mea
 def phi_backward(grad_output: Tensor, h: Tensor, identity_kernels: Tensor, mean_kernels: Tensor, stat_kernels: Tensor,
                  scale_weight: Tensor, pooled: Tensor, features: Tensor, scale: Tensor, noise: Tensor | None,
                  seed: Tensor | None, quadrature: Tensor | None, noise_coeff: float, clip_value: float | None,
-                 training: bool, needs_input: bool, needs_params: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 training: bool, needs_input: bool, needs_params: bool,
+                 kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """φ's fused backward on `kernel`: gradients of (h, λ, γ, K, w); empty tensors for those not asked for."""
     grads = extension(kernel).backward(grad_output, h, identity_kernels, mean_kernels, stat_kernels, scale_weight,
                                         pooled, features, scale, noise, seed, quadrature, noise_coeff, clip_value,

@@ -1,8 +1,8 @@
 """φ's fused forward and backward as Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter.
 
 The structure of `phi_cpu.cpp` for a GPU, where a network of this size is bound by launches and memory passes: each
-kernel is one pass over a site's map in tiles of pixels × every channel (the equivariant layers' channel means need all
-channels of a pixel), and the backward recomputes what it needs from the input, which is all the op saves. Forward:
+kernel is one pass over a site's map in tiles of pixels × every channel (the equivariant layers' channel means need
+all channels of a pixel), and the backward recomputes what it needs from the input, which is all the op saves. Forward:
 the hidden layer (with the statistics filters' pooled responses), the batch statistics and channel scale, the output.
 Backward: the hidden layer again (with one bit per statistics filter where it is active), the gradient through z, the
 scale's, the hidden layer's, the input's; kernel gradients are per-tile partial sums, added up in float64. The noise is
@@ -53,9 +53,10 @@ def _put(ptr, sb, sc, sh, sw, b, i, j, c, pm, cm, value):
 @triton.jit
 def _equivariant(ptr, sb, sc, sh, sw, lam_ptr, gam_ptr, b, i, j, c, pm, cm, H, W, C, center, partial_ptr,
                  SIGN: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Σ_t λ_t v(p + SIGN·d_t) + Σ_t γ_t Σ_c v(p + SIGN·d_t) / C: with SIGN 1 the layer λ ⋆ v + γ ⋆ mean_c(v), with
-    SIGN -1 its input gradient for an upstream gradient v. PARTIALS: also λ's and γ's gradients over this tile, given
-    the layer's input at the centre, into partial_ptr[t] and partial_ptr[18 + t]."""
+    """Σ_t λ_t v(p + SIGN·d_t) + Σ_t γ_t Σ_c v(p + SIGN·d_t) / C: with SIGN 1 the layer
+    λ ⋆ v + γ ⋆ mean_c(v), with SIGN -1 its input gradient for an upstream gradient v. PARTIALS: also λ's and
+    γ's gradients over this tile, given the layer's input at the centre, into partial_ptr[t] and
+    partial_ptr[18 + t]."""
     acc = tl.zeros((BLOCK_P, BLOCK_C), ptr.dtype.element_ty)
     shared = tl.zeros((BLOCK_P,), ptr.dtype.element_ty)
     if PARTIALS:
@@ -110,8 +111,8 @@ def _noise(argument, quadrature_ptr, EXPECTED: tl.constexpr, NODES: tl.constexpr
 @triton.jit
 def _noise_argument(hidden_ptr, lam_ptr, gam_ptr, noise_ptr, nb, nc, nh, nw, seed_ptr, b, p, i, j, c, pm, cm, H, W, C,
                     DRAWN: tl.constexpr, EXPECTED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """μ + ε on the tile: μ = λ₂ ⋆ hidden + γ₂ ⋆ mean_c(hidden), ε drawn from the seed or read from the noise; μ
-    alone in the expected-noise mode."""
+    """μ + ε on the tile: μ = λ₂ ⋆ hidden + γ₂ ⋆ mean_c(hidden), ε drawn from the seed or read from the
+    noise; μ alone in the expected-noise mode."""
     mu = _equivariant(hidden_ptr, H * W * C, 1, W * C, C, lam_ptr, gam_ptr, b, i, j, c, pm, cm, H, W, C, 0.0,
                       hidden_ptr, 1, False, BLOCK_P, BLOCK_C)
     if EXPECTED:
@@ -127,8 +128,8 @@ def _noise_argument(hidden_ptr, lam_ptr, gam_ptr, noise_ptr, nb, nc, nh, nw, see
 @triton.jit
 def _hidden_kernel(x_ptr, xb, xc, xh, xw, lam_ptr, gam_ptr, stat_ptr, hidden_ptr, pooled_ptr, active_ptr, H, W, C,
                    STATS: tl.constexpr, ACTIVE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """hidden = ReLU(λ₁ ⋆ x + γ₁ ⋆ mean_c(x)); STATS: this tile's share of mean_HW ReLU(K_k ⋆ x) (forward, training);
-    ACTIVE: bit k where K_k ⋆ x > 0 (backward, training)."""
+    """hidden = ReLU(λ₁ ⋆ x + γ₁ ⋆ mean_c(x)); STATS: this tile's share of mean_HW ReLU(K_k ⋆ x) (forward,
+    training); ACTIVE: bit k where K_k ⋆ x > 0 (backward, training)."""
     b, row, p, i, j, c, pm, cm = _tile(H, W, C, BLOCK_P, BLOCK_C)
     pre = _equivariant(x_ptr, xb, xc, xh, xw, lam_ptr, gam_ptr, b, i, j, c, pm, cm, H, W, C, 0.0, hidden_ptr, 1, False,
                        BLOCK_P, BLOCK_C)
@@ -156,7 +157,8 @@ def _batch_block(start, c, cm, B, C, BLOCK_B: tl.constexpr):
 def _scale_kernel(pooled_ptr, mean_ptr, var_ptr, weight_ptr, features_ptr, scale_ptr, B, C, var_factor: tl.float64,
                   channel_descriptor: tl.float64, spatial_descriptor: tl.float64, TRAINING: tl.constexpr,
                   BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """features = [mean, var of u over the batch (or the running statistics), descriptors]; s = sigmoid(features·w)."""
+    """features = [mean, var of u over the batch (or the running statistics), descriptors];
+    s = sigmoid(features·w)."""
     dtype = weight_ptr.dtype.element_ty
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -193,8 +195,8 @@ def _output_kernel(x_ptr, xb, xc, xh, xw, hidden_ptr, lam_ptr, gam_ptr, noise_pt
                    quadrature_ptr, scale_ptr, out_ptr, ob, oc, oh, ow, z_ptr, kappa: tl.float64, limit: tl.float64,
                    z_norm: tl.float64, H, W, C, DRAWN: tl.constexpr, EXPECTED: tl.constexpr, NODES: tl.constexpr,
                    CLIP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """output = min(x · ((1 − κ) + κ s z), clip) with z = softplus(μ + ε) (or its expectation); this tile's share of
-    mean z."""
+    """output = min(x · ((1 − κ) + κ s z), clip) with z = softplus(μ + ε) (or its expectation); this tile's
+    share of mean z."""
     b, row, p, i, j, c, pm, cm = _tile(H, W, C, BLOCK_P, BLOCK_C)
     argument = _noise_argument(hidden_ptr, lam_ptr, gam_ptr, noise_ptr, nb, nc, nh, nw, seed_ptr, b, p, i, j, c, pm,
                                cm, H, W, C, DRAWN, EXPECTED, BLOCK_P, BLOCK_C)
@@ -264,8 +266,8 @@ def _scale_grad_kernel(grad_scale_ptr, scale_ptr, features_ptr, pooled_ptr, weig
 @triton.jit
 def _hidden_grad_kernel(grad_mu_ptr, hidden_ptr, lam_ptr, gam_ptr, partial_ptr, H, W, C, PARTIALS: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """grad_hidden = (λ₂ᵀ ⋆ grad_mu + γ₂ᵀ ⋆ Σ_c grad_mu / C) · [hidden > 0], written over hidden (each tile reads only
-    its own pixels of it); PARTIALS: λ₂'s and γ₂'s gradients over the tile."""
+    """grad_hidden = (λ₂ᵀ ⋆ grad_mu + γ₂ᵀ ⋆ Σ_c grad_mu / C) · [hidden > 0], written over hidden (each
+    tile reads only its own pixels of it); PARTIALS: λ₂'s and γ₂'s gradients over the tile."""
     b, row, p, i, j, c, pm, cm = _tile(H, W, C, BLOCK_P, BLOCK_C)
     hidden = _at(hidden_ptr, H * W * C, 1, W * C, C, b, i, j, c, pm, cm, H, W)
     grad = _equivariant(grad_mu_ptr, H * W * C, 1, W * C, C, lam_ptr, gam_ptr, b, i, j, c, pm, cm, H, W, C, hidden,
@@ -276,7 +278,8 @@ def _hidden_grad_kernel(grad_mu_ptr, hidden_ptr, lam_ptr, gam_ptr, partial_ptr, 
 @triton.jit
 def _statistics_grad(active_ptr, grad_pooled_ptr, stat_ptr, center, partial_ptr, b, i, j, c, pm, cm, H, W, C,
                      PARTIALS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Σ_k K_kᵀ ⋆ a_k, a_k = [K_k ⋆ x > 0] · ∂u_k (one value per map); PARTIALS: K_k's gradients over the tile."""
+    """Σ_k K_kᵀ ⋆ a_k, a_k = [K_k ⋆ x > 0] · ∂u_k (one value per map); PARTIALS: K_k's gradients over the
+    tile."""
     k = tl.arange(0, 4)
     grad_pooled = tl.load(grad_pooled_ptr + (b * C + c)[:, None] * 4 + k[None, :], mask=cm[:, None], other=0)
     acc = tl.zeros((BLOCK_P, BLOCK_C), center.dtype)
@@ -294,8 +297,8 @@ def _input_grad_kernel(x_ptr, xb, xc, xh, xw, grad_hidden_ptr, active_ptr, grad_
                        grad_x_ptr, rb, rc, rh, rw, partial_ptr, H, W, C, TRAINING: tl.constexpr,
                        NEEDS_INPUT: tl.constexpr, PARTIALS: tl.constexpr, BLOCK_P: tl.constexpr,
                        BLOCK_C: tl.constexpr):
-    """grad_x += λ₁ᵀ ⋆ grad_hidden + γ₁ᵀ ⋆ Σ_c grad_hidden / C (+ the statistics filters' path in training);
-    PARTIALS: λ₁'s, γ₁'s and K's gradients over the tile."""
+    """grad_x += λ₁ᵀ ⋆ grad_hidden + γ₁ᵀ ⋆ Σ_c grad_hidden / C (+ the statistics filters' path in
+    training); PARTIALS: λ₁'s, γ₁'s and K's gradients over the tile."""
     b, row, p, i, j, c, pm, cm = _tile(H, W, C, BLOCK_P, BLOCK_C)
     x = _at(x_ptr, xb, xc, xh, xw, b, i, j, c, pm, cm, H, W)
     grad = _equivariant(grad_hidden_ptr, H * W * C, 1, W * C, C, lam_ptr, gam_ptr, b, i, j, c, pm, cm, H, W, C, x,
