@@ -1,4 +1,4 @@
-"""Which half of φ carries a transfer result? Build a φ from the channel scale s of one and the noise generator μ of
+r"""Which half of φ carries a transfer result? Build a φ from the channel scale s of one and the noise generator μ of
 another (or none: μ = 0, noise that ignores the input), then transfer it like any other φ.
 
 φ has two parts (docs/method.md): the scale network (`stat_kernels` K and `scale_weight` w) sets s, the noise

@@ -1,4 +1,4 @@
-"""Evaluate a saved MetaPerturb run again: MC-10 and the single pass with every candidate statistics of today's code.
+r"""Evaluate a saved MetaPerturb run again: MC-10 and the single pass with every candidate statistics of today's code.
 
 The single pass's candidates change (the "fitted" statistics came after most grid runs); a run saved with
 `examples/transfer.py --save-model PATH` is evaluated again without training it again. Appends one JSON line: the run's

@@ -1,4 +1,4 @@
-"""Run a transfer grid (targets × networks × methods × seeds), one JSON line per finished run, and tabulate it.
+r"""Run a transfer grid (targets × networks × methods × seeds), one JSON line per finished run, and tabulate it.
 
     python benchmarks/transfer_grid.py --name tin_transfer \
         --targets cifar10=../shared/data/cifar10_32:50,cub=../shared/data/cub200_2011_first50_32 \

@@ -1,4 +1,4 @@
-"""Meta-train φ with several seeds and keep the best, scored on source classes held out of meta-training.
+r"""Meta-train φ with several seeds and keep the best, scored on source classes held out of meta-training.
 
 The paper keeps the best of 5 meta-training runs on held-out data. Here every candidate is scored by a short
 transfer, with source data only: `--holdout-classes` classes never enter meta-training; a fresh classifier is

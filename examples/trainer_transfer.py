@@ -1,4 +1,4 @@
-"""Train a `transformers` image classifier on a `datasets` dataset with `transformers.Trainer` and a frozen φ.
+r"""Train a `transformers` image classifier on a `datasets` dataset with `transformers.Trainer` and a frozen φ.
 
     python examples/trainer_transfer.py --dataset ../shared/data/cub200_2011_first50_32 \
         --perturbation hub_cards/metaperturb-tin-resnet20 --max_steps 1500 --output_dir trainer-cub

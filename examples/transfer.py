@@ -1,4 +1,4 @@
-"""Train a classifier on a target dataset with a frozen MetaPerturb φ, or with a baseline, over several seeds.
+r"""Train a classifier on a target dataset with a frozen MetaPerturb φ, or with a baseline, over several seeds.
 
     python examples/transfer.py --dataset ../shared/data/cub200_2011_first50_32 --arch resnet20 \
         --method metaperturb --perturbation hub_cards/metaperturb-tin-resnet20 --steps 1500 --seeds 0,1,2 \

@@ -3,6 +3,7 @@ the quick start."""
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -254,4 +255,7 @@ def test_every_example_explains_itself_with_help(script, capsys):
     with pytest.raises(SystemExit) as stopped:
         load_script(script).main(["--help"])
     assert stopped.value.code == 0
-    assert "usage:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    # A multi-line example command keeps its line continuations (a raw docstring), so it can be copied as printed.
+    assert not re.search(r"\S {4,}--", out), "an example command's continuation lines were joined"
