@@ -228,7 +228,7 @@ def targets_table(records: list[dict], source: str = BEST_RELEASED) -> str:
         if other:
             best_others.append(statistics.mean(mine) - statistics.mean(other[1]))
         if shortfall is not None:
-            worst.append(shortfall)
+            worst.append(round(shortfall, 2))  # as the table shows it: 20 of 2000 images is 1 point, not 1.000…01
         lines.append(f"| {target} | {arch} | {mean_with_seeds(none[(target, arch, 'none')])} | {mean_std(mine)} | "
                      f"{seeds_with_gain(mine)} | " + (f"{other[0]} {mean_std(other[1])}" if other else "–")
                      + f" | {'–' if shortfall is None else f'{shortfall:.2f}'} |")

@@ -112,6 +112,13 @@ def test_a_mean_gain_that_is_a_tie_up_to_float_rounding_is_not_counted_above_non
     assert "above none (mean over seeds) in 0 of 1 cells" in grid_summary.targets_table(records, "phi")
 
 
+def test_a_single_pass_exactly_one_point_below_mc_in_floats_counts_as_within_one_point():
+    records = [record("none", 0, 0.30), record("metaperturb", 0, 0.31, "phi"), single(0, 0.0, {"0.0": 0.30})]
+    assert 100 * (0.31 - 0.30) > 1
+    table = grid_summary.targets_table(records, "phi")
+    assert "| 1.00 |" in table and "within 1 point of MC-10 on every seed in 1 of 1 cells" in table
+
+
 def test_the_targets_table_says_when_the_phi_setting_never_ran():
     assert "No MetaPerturb runs" in grid_summary.targets_table([record("none", 0, 0.30)], "phi")
 
