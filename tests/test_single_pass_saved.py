@@ -48,6 +48,18 @@ def test_a_saved_run_gets_mc_draws_and_every_candidate(script, tmp_path, isolate
     assert "| run | " in table and f"{100 * record['shortfall']:+.2f} |" in table and "of 1 runs" in table
 
 
+def test_the_report_counts_a_shortfall_of_one_point_as_shown_within_one_point(script):
+    def saved(run, mc10, single_pass):
+        return {"run": run, "mc_by_samples": {"1": 0.3, "2": 0.3, "5": 0.3}, "mc10": mc10,
+                "mc10_by_draw_seed": [mc10], "single_pass": single_pass, "single_pass_weight": FITTED,
+                "accuracy_by_weight": {FITTED: single_pass}, "shortfall": mc10 - single_pass}
+
+    records = [saved("a", 0.31, 0.30), saved("b", 0.3102, 0.30)]
+    assert records[0]["shortfall"] > 0.01  # 1.00 points, summed in floats as 1.0000000000000009
+    table = script.report(records)
+    assert "| +1.00 |" in table and "| +1.02 |" in table and "Within 1 point of MC-10: 1 of 2 runs." in table
+
+
 def test_a_run_to_evaluate_must_be_named(script, capsys):
     with pytest.raises(SystemExit):
         script.main(["--dataset", "somewhere"])
