@@ -113,8 +113,8 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
         model.single_pass_statistics = statistics
         try:
             by_candidate[key] = evaluate(model, test)
-        # these statistics break the single pass; choose_single_pass_statistics skips them
         except NonFiniteFeaturesError:
+            # these statistics break the single pass; choose_single_pass_statistics skips them
             by_candidate[key] = {"accuracy": None}
         model.single_pass_statistics = calibrated
     choice = model.choose_single_pass_statistics(normalized_batches(train, batch_size), draws, CALIBRATION_BATCHES,
