@@ -108,23 +108,29 @@ def test_fused_kernel_matches_eager_in_the_expected_noise_mode(case, fused_kerne
     assert calls == ["cpu"], "the expected-noise mode ran eager, not on the kernel"
 
 
-def check_expected_noise_at_extremes(kernel, device="cpu"):
-    """E[softplus(μ + ε)] where μ is far out (the exponentials' clamp, softplus' threshold) and near 0."""
-    phi = make_phi(torch.float64).to(device)
-    h = (torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 40).to(device)
-    with torch.no_grad():  # μ = 5 ReLU(h) − 10 mean_c ReLU(h) (centre taps only): hundreds either side of 0
+def check_expected_noise_at_extremes(kernel, device="cpu", dtype=torch.float64, spread=40.0, tolerance=1e-9):
+    """E[softplus(μ + ε)] where μ is far out (the exponentials' clamp, softplus' threshold, the ends of float32's
+    table) and near 0; `spread` scales the input and so μ's range."""
+    phi = make_phi(dtype).to(device)
+    h = (torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(0), dtype=dtype) * spread).to(device)
+    with torch.no_grad():  # μ = 5 ReLU(h) − 10 mean_c ReLU(h) (centre taps only): spread × 2.5 either side of 0
         for parameter in (phi.identity_kernels, phi.mean_kernels):
             parameter.zero_()
         phi.identity_kernels.view(2, 9)[:, 4] = torch.tensor([1.0, 5.0])
         phi.mean_kernels.view(2, 9)[1, 4] = -10.0
     mu = _eager_mu(phi, h)
-    assert mu.min() < -100 and mu.max() > 100 and (mu.abs() < 1).any()
+    assert mu.min() < -2.5 * spread and mu.max() > 2.5 * spread and (mu.abs() < 1).any()
     assert_same(run(phi, kernel, h, None, expected=True, training=False),
-                run(phi, "eager", h, None, expected=True, training=False), tolerance=1e-9)
+                run(phi, "eager", h, None, expected=True, training=False), tolerance=tolerance)
 
 
 def test_expected_noise_at_extreme_arguments():
     check_expected_noise_at_extremes("cpu")
+
+
+@pytest.mark.parametrize("spread", [40.0, 4.0])  # beyond float32's table on both sides; across its inside
+def test_expected_noise_in_float32_matches_the_rule(spread):
+    check_expected_noise_at_extremes("cpu", dtype=torch.float32, spread=spread, tolerance=1e-5)
 
 
 def check_flat_features(kernel, device="cpu"):
