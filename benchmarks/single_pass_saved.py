@@ -32,18 +32,9 @@ MC_CURVE = (1, 2, 5)  # MC-K besides MC-10, one draw seed each
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="a MetaPerturb run's state dict (transfer.py --save-model)")
-    parser.add_argument("--dataset", help="the run's target: a Parquet folder with train/test splits")
-    parser.add_argument("--train-per-class", type=int, help="as the run had it (e.g. 50 for CIFAR-10)")
-    parser.add_argument("--seed", type=int, help="the run's seed (its training subset and batches)")
-    parser.add_argument("--arch", default="resnet20")
-    parser.add_argument("--perturbation", default=str(ROOT / "hub_cards" / "metaperturb-tin-full-resnet20-gated"))
-    parser.add_argument("--noise-strength", type=float, help="the run's κ (default: φ's released strength)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    add_run_arguments(parser)
     parser.add_argument("--mc-draw-seeds", type=int, default=3, help="MC-10 evaluated this many times, averaged")
-    parser.add_argument("--label", help="the run's name in the record (default: the model file's name)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "single_pass_saved.jsonl"))
-    parser.add_argument("--report", metavar="RECORDS", help="print the records of this file as a table, and stop")
     args = parser.parse_args(argv)
     if args.report:
         if not Path(args.report).is_file():
@@ -53,16 +44,7 @@ def main(argv=None):
     if args.model is None or args.dataset is None or args.seed is None:
         parser.error("--model, --dataset and --seed name the run to evaluate (or --report RECORDS)")
 
-    train, test = (to_tensors(load_image_dataset(args.dataset, split)) for split in ("train", "test"))
-    if args.train_per_class:
-        train = subsample_per_class(train, args.train_per_class, args.seed)
-    image_size = train.images.shape[-1]
-    phi = load_perturbation(args.perturbation)
-    model = apply_method(build_classifier(args.arch, len(train.class_names), image_size, args.seed), "metaperturb",
-                         image_size, phi)
-    model.load_state_dict(torch.load(args.model, weights_only=True))
-    model.set_noise_coeff(resolve_noise_strength(model, args.noise_strength))
-    model.eval()
+    model, train, test = load_saved_run(args)
 
     draws = []
     for draw_seed in range(args.mc_draw_seeds):  # MC-10 is itself random: its spread over draw seeds
@@ -84,6 +66,34 @@ def main(argv=None):
     print(json.dumps(record))
     with open(args.output, "a") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that name a saved run (and --report), shared with single_pass_choice.py."""
+    parser.add_argument("--model", help="a MetaPerturb run's state dict (transfer.py --save-model)")
+    parser.add_argument("--dataset", help="the run's target: a Parquet folder with train/test splits")
+    parser.add_argument("--train-per-class", type=int, help="as the run had it (e.g. 50 for CIFAR-10)")
+    parser.add_argument("--seed", type=int, help="the run's seed (its training subset and batches)")
+    parser.add_argument("--arch", default="resnet20")
+    parser.add_argument("--perturbation", default=str(ROOT / "hub_cards" / "metaperturb-tin-full-resnet20-gated"))
+    parser.add_argument("--noise-strength", type=float, help="the run's κ (default: φ's released strength)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--label", help="the run's name in the record (default: the model file's name)")
+    parser.add_argument("--report", metavar="RECORDS", help="print the records of this file as a table, and stop")
+
+
+def load_saved_run(args: argparse.Namespace):
+    """(model in eval mode at the run's κ, training data as the run had it, test data) of the run `args` name."""
+    train, test = (to_tensors(load_image_dataset(args.dataset, split)) for split in ("train", "test"))
+    if args.train_per_class:
+        train = subsample_per_class(train, args.train_per_class, args.seed)
+    image_size = train.images.shape[-1]
+    phi = load_perturbation(args.perturbation)
+    model = apply_method(build_classifier(args.arch, len(train.class_names), image_size, args.seed), "metaperturb",
+                         image_size, phi)
+    model.load_state_dict(torch.load(args.model, weights_only=True))
+    model.set_noise_coeff(resolve_noise_strength(model, args.noise_strength))
+    return model.eval(), train, test
 
 
 def report(records: list[dict]) -> str:

@@ -7,7 +7,7 @@ r"""Run a transfer grid (targets × networks × methods × seeds), one JSON line
         --seeds 0,1,2 --steps 1000 [--shard 0/2]
 
 A target is NAME=PATH[:TRAIN_PER_CLASS]. MetaPerturb gives two records: MC over --mc-samples, and the single pass (its
-statistics chosen by agreement with MC on the training images among blends of calibrated and trained ones, those
+statistics chosen by agreement with MC on augmented training images among blends of calibrated and trained ones, those
 matched to the noise-averaged features and those fitted to MC's softmax; with the accuracy of every candidate,
 `accuracy_by_weight`, and that of the classifier alone calibrated without noise, `noise_off_calibrated_accuracy`).
 Every finished run appends its records to benchmarks/results/<name>.jsonl; a rerun skips what is there, so an

@@ -5,9 +5,9 @@ r"""Train a classifier on a target dataset with a frozen MetaPerturb φ, or with
         --output results.json
 
 Methods: none, metaperturb (reported with MC averaging over --mc-samples and as a single pass whose BatchNorm
-statistics are chosen by agreement with MC on the training images among blends of those re-estimated under it with
-those from training, those matched to the noise-averaged features and those fitted to MC's softmax; that record also
-holds the accuracy of every candidate and `noise_off_calibrated_accuracy`), dropout, dropblock, manifold_mixup,
+statistics are chosen by agreement with MC on augmented training images among blends of those re-estimated under it
+with those from training, those matched to the noise-averaged features and those fitted to MC's softmax; that record
+also holds the accuracy of every candidate and `noise_off_calibrated_accuracy`), dropout, dropblock, manifold_mixup,
 info_dropout, finetune (needs --init-from, a source-trained state dict of the same network; a saved MetaPerturb run
 also serves).
 `--hf-model` trains a `transformers` image classifier (a checkpoint, whose head is resized to the target's classes,

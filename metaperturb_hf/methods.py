@@ -26,6 +26,11 @@ logger = logging.getLogger(__name__)
 METHODS = ("none", "metaperturb", *REGULARIZERS, "finetune")
 # Training batches the single pass's BatchNorm statistics are re-estimated on after training (all, when fewer).
 CALIBRATION_BATCHES = 50
+# Augmented training batches, drawn with the run's seed + CHOICE_SEED_OFFSET (not the fit's), on which the single
+# pass's candidates are compared with MC: a classifier memorises its plain training images (every good candidate then
+# agrees with MC on all of them), less so their augmented versions (benchmarks/single_pass_choice.py).
+CHOICE_BATCHES = 20
+CHOICE_SEED_OFFSET = 1000
 
 
 def save_state_dict(model: nn.Module, path: str | Path) -> None:
@@ -81,8 +86,9 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     The single pass is calibrated on unaugmented training batches; its candidate statistics are the blends with the
     statistics from training, those matched to the moments of the noise-averaged features ("matched") and those
     fitted to MC on augmented training batches drawn with `seed` ("fitted", `single_pass_fitting`); the one
-    (`single_pass_weight`) whose single pass agrees most often with MC-`mc_samples` on the same batches
-    (`agreement_by_weight`), and among equals whose softmax is closest to MC's (`cross_entropy_by_weight`), is kept.
+    (`single_pass_weight`) whose single pass agrees most often with MC-`mc_samples` on `CHOICE_BATCHES` augmented
+    training batches drawn with `seed + CHOICE_SEED_OFFSET` (`agreement_by_weight`), and among equals whose softmax is
+    closest to MC's (`cross_entropy_by_weight`), is kept.
     `accuracy_by_weight` is the test accuracy of every candidate, so that `uncalibrated_accuracy` (weight 0),
     `calibrated_accuracy` (weight 1), `matched_accuracy` and `fitted_accuracy` are four of them.
     `noise_off_calibrated_accuracy`: the classifier alone (κ = 0, the cost of a plain forward) with statistics
@@ -117,8 +123,9 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
             # these statistics break the single pass; choose_single_pass_statistics skips them
             by_candidate[key] = {"accuracy": None}
         model.single_pass_statistics = calibrated
-    choice = model.choose_single_pass_statistics(normalized_batches(train, batch_size), draws, CALIBRATION_BATCHES,
-                                                 candidates=candidates)
+    held_out = BatchSampler(train, seed=seed + CHOICE_SEED_OFFSET)
+    choice = model.choose_single_pass_statistics([held_out.next_batch(batch_size) for _ in range(CHOICE_BATCHES)],
+                                                 draws, candidates=candidates)
     accuracy = {key: record["accuracy"] for key, record in by_candidate.items()}
     return {**by_candidate[choice["weight"]], "single_pass_weight": choice["weight"],
             "agreement_by_weight": {str(key): value for key, value in choice["agreements"].items()},

@@ -1,14 +1,13 @@
 """The example scripts end to end on tiny data: transfer, the resumable transfer grid (benchmarks/transfer_grid.py),
 the quick start."""
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 from conftest_data import image_dataset
+from script_loading import load_script as load_repository_script
 
 from metaperturb_hf import MetaPerturbConfig, MetaPerturbModel
 
@@ -17,13 +16,7 @@ BENCHMARKS = EXAMPLES.parent / "benchmarks"
 
 
 def load_script(name: str, folder: Path = EXAMPLES):
-    """The script as a module, its folder on sys.path as when it runs (benchmarks import their siblings)."""
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    spec = importlib.util.spec_from_file_location(f"script_{name}", folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repository_script(f"{folder.name}/{name}.py")
 
 
 @pytest.fixture(scope="module")

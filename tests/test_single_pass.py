@@ -256,6 +256,33 @@ def test_run_transfer_reports_both_passes_and_saves_the_calibrated_run(perturbat
     build_classifier("conv4", 3, 16, 0, init_from=str(saved))  # a saved run is also a source network for finetune
 
 
+def test_the_transfer_path_chooses_on_augmented_batches_drawn_apart_from_the_fit(perturbation, monkeypatch):
+    """Plain training images the classifier has memorised cannot tell candidates apart; augmented ones drawn with
+    another seed than the fit's batches can."""
+    from test_transfer import separable_data
+
+    from metaperturb_hf.data import BatchSampler
+    from metaperturb_hf.methods import CHOICE_BATCHES, CHOICE_SEED_OFFSET, run_transfer
+    from metaperturb_hf.transfer import TransferConfig
+
+    seen, choose = [], PerturbedModel.choose_single_pass_statistics
+
+    def spy(self, batches, *args, **kwargs):
+        seen.append(list(batches))
+        return choose(self, seen[-1], *args, **kwargs)
+
+    monkeypatch.setattr(PerturbedModel, "choose_single_pass_statistics", spy)
+    train, test = separable_data(n_per_class=8), separable_data(n_per_class=4)
+    run_transfer("metaperturb", "conv4", train, test, TransferConfig(steps=2, batch_size=8, seed=3), perturbation,
+                 mc_samples=3)
+    (batches,) = seen
+    sampler = BatchSampler(train, seed=3 + CHOICE_SEED_OFFSET)
+    assert len(batches) == CHOICE_BATCHES
+    for images, labels in batches:
+        expected_images, expected_labels = sampler.next_batch(8)
+        assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+
+
 def test_the_choice_counts_top1_agreement_with_mc_for_every_blend_and_keeps_the_best(perturbation):
     model = trained_conv4(perturbation)
     batches = calibration_batches(count=3)

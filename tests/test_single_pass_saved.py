@@ -1,4 +1,5 @@
-"""benchmarks/single_pass_saved.py: a saved MetaPerturb run evaluated again, MC-K and every single-pass candidate."""
+"""benchmarks/single_pass_saved.py and single_pass_choice.py: a saved MetaPerturb run evaluated again, MC-K and every
+single-pass candidate, and the signals that could choose among them."""
 
 import json
 
@@ -19,7 +20,9 @@ def script():
     return load_script("benchmarks/single_pass_saved.py")
 
 
-def test_a_saved_run_gets_mc_draws_and_every_candidate(script, tmp_path, isolated_hf_cache, capsys):
+@pytest.fixture
+def saved_run(tmp_path, isolated_hf_cache):  # noqa: F811 (the fixture)
+    """A 3-step Conv4 MetaPerturb run on 3 classes of 16×16 images, saved: (target folder, φ folder, run.pt)."""
     target = tmp_path / "target"
     target.mkdir()
     image_dataset(num_classes=3, per_class=12, size=16, seed=1).to_parquet(str(target / "train.parquet"))
@@ -29,11 +32,18 @@ def test_a_saved_run_gets_mc_draws_and_every_candidate(script, tmp_path, isolate
     train, test = (to_tensors(load_image_dataset(str(target), split)) for split in ("train", "test"))
     run_transfer("metaperturb", "conv4", train, test, TransferConfig(steps=3, batch_size=8),
                  MetaPerturbModel.from_pretrained(tmp_path / "phi"), mc_samples=2, save_model=str(tmp_path / "run.pt"))
+    return target, tmp_path / "phi", tmp_path / "run.pt"
 
+
+def run_arguments(saved_run) -> list[str]:
+    target, phi, run = saved_run
+    return ["--model", str(run), "--dataset", str(target), "--seed", "0", "--arch", "conv4",
+            "--perturbation", str(phi), "--batch-size", "8"]
+
+
+def test_a_saved_run_gets_mc_draws_and_every_candidate(script, saved_run, tmp_path, capsys):
     records = tmp_path / "records.jsonl"
-    script.main(["--model", str(tmp_path / "run.pt"), "--dataset", str(target), "--seed", "0", "--arch", "conv4",
-                 "--perturbation", str(tmp_path / "phi"), "--batch-size", "8", "--mc-draw-seeds", "2",
-                 "--output", str(records)])
+    script.main([*run_arguments(saved_run), "--mc-draw-seeds", "2", "--output", str(records)])
     (record,) = [json.loads(line) for line in records.read_text().splitlines()]
     assert record["run"] == "run" and len(record["mc10_by_draw_seed"]) == 2
     assert record["mc10"] == pytest.approx(sum(record["mc10_by_draw_seed"]) / 2)
@@ -64,3 +74,41 @@ def test_a_run_to_evaluate_must_be_named(script, capsys):
     with pytest.raises(SystemExit):
         script.main(["--dataset", "somewhere"])
     assert "--model, --dataset and --seed" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def choice_script():
+    return load_script("benchmarks/single_pass_choice.py")
+
+
+def test_every_signal_chooses_a_candidate_of_the_saved_run(choice_script, saved_run, tmp_path, capsys):
+    records = tmp_path / "choice.jsonl"
+    choice_script.main([*run_arguments(saved_run), "--output", str(records)])
+    (record,) = [json.loads(line) for line in records.read_text().splitlines()]
+    candidates = set(record["accuracy_by_weight"])
+    assert {MATCHED, FITTED, "1.0", "0.0"} <= candidates and 0 <= record["mc10"] <= 1
+    assert set(record["signals"]) == {"train", "train_augmented", "test_inputs", "train_augmented_labels"}
+    for name in ("train", "train_augmented", "test_inputs"):
+        signal = record["signals"][name]
+        assert set(signal["agreement"]) == candidates and signal["chosen"] in candidates
+        agreement = {key: value for key, value in signal["agreement"].items() if value is not None}
+        assert signal["agreement"][signal["chosen"]] == max(agreement.values())
+    labels = record["signals"]["train_augmented_labels"]
+    assert labels["accuracy"][labels["chosen"]] == max(labels["accuracy"].values())
+
+    capsys.readouterr()
+    choice_script.main(["--report", str(records)])
+    assert "| train_augmented_labels |" in capsys.readouterr().out
+
+
+def test_the_choice_report_measures_each_signal_against_mc_and_the_best_candidate(choice_script):
+    def signal(chosen):
+        return {"chosen": chosen}
+
+    record = {"run": "a", "mc10": 0.40, "accuracy_by_weight": {"fitted": 0.405, "matched": 0.39, "0.5": 0.38},
+              "signals": {"train": signal("fitted"), "train_augmented": signal("matched"),
+                          "test_inputs": signal("0.5"), "train_augmented_labels": signal("fitted")}}
+    table = choice_script.report([record])
+    assert "| a | 40.00 | 40.50 (fitted) | -0.50 (fitted) | +1.00 (matched) | +2.00 (0.5) | -0.50 (fitted) |" in table
+    assert "| train | 0.00 | 1 of 1 |" in table and "| train_augmented | 1.50 | 1 of 1 |" in table
+    assert "| test_inputs | 2.50 | 0 of 1 |" in table
