@@ -96,12 +96,15 @@ def measure(model, train, test, seed: int, batch_size: int) -> dict:
     with torch.no_grad():
         for key, candidate in candidates.items():
             model.single_pass_statistics = candidate
-            correct = sum((model.predict_proba(images).argmax(-1) == labels).sum().item()
-                          for images, labels in batches)
-            label_accuracy[str(key)] = correct / sum(len(labels) for _, labels in batches)
+            try:
+                correct = sum((model.predict_proba(images).argmax(-1) == labels).sum().item()
+                              for images, labels in batches)
+                label_accuracy[str(key)] = correct / sum(len(labels) for _, labels in batches)
+            except NonFiniteFeaturesError:  # never chosen, as in choose_single_pass_statistics
+                label_accuracy[str(key)] = None
     model.single_pass_statistics = calibrated
-    signals["train_augmented_labels"] = {"accuracy": label_accuracy,
-                                         "chosen": max(label_accuracy, key=label_accuracy.get)}
+    usable = {key: value for key, value in label_accuracy.items() if value is not None}
+    signals["train_augmented_labels"] = {"accuracy": label_accuracy, "chosen": max(usable, key=usable.get)}
     return {"mc10": mc10, "accuracy_by_weight": accuracy, "signals": signals}
 
 

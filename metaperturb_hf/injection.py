@@ -257,9 +257,9 @@ class PerturbedModel(SiteWrapper):
         network they also rescale every branch against the identity path, which they leave unchanged. The matched
         statistics aim at what MC averages, the fitted ones at what it predicts; agreement with MC on training
         images, which needs neither labels nor test data, picks among them. Call it after `calibrate_single_pass`, on
-        training batches (the kinds of batches that takes; at most `num_batches` of them, held in memory), best
-        augmented ones: on plain images that the network has memorised every good candidate agrees with MC on all of
-        them. `candidates` already made may be passed.
+        training batches (the kinds of batches that takes; at most `num_batches` of them, held in memory), augmented
+        ones for preference: on plain images that the network has memorised every good candidate agrees with MC on
+        all of them. `candidates` already made may be passed.
         A candidate with which the single pass gives NaN or Inf (a network whose features the expected noise
         blows up) is not chosen and its agreement is None; `NonFiniteFeaturesError` when that leaves none.
         Returns the agreement (fraction of images) and the cross-entropy to MC (per image) of every candidate and the

@@ -7,8 +7,8 @@ A generated table sits between two markers that name its records and the functio
     <!-- end generated -->
 
 `grid_1500` is `benchmarks/results/grid_1500.jsonl`; the function is `metaperturb_hf.results.markdown_table`, one of
-`benchmarks/grid_summary.py`'s tables or `single_pass_saved_table` (`benchmarks/single_pass_saved.py`'s report). After
-new records:
+`benchmarks/grid_summary.py`'s tables, `single_pass_saved_table` or `single_pass_choice_table` (the reports of
+`benchmarks/single_pass_saved.py` and `benchmarks/single_pass_choice.py`). After new records:
 
     python scripts/refresh_docs.py           # rewrite every stale block in place
     python scripts/refresh_docs.py --check   # list the stale blocks and exit 1 if any (tests/test_readme.py does this)
@@ -31,6 +31,8 @@ BLOCK = re.compile(r"(<!-- generated: (\S+) (\S+) -->\n)(.*?)(<!-- end generated
 
 
 def _benchmark(name: str):
+    if str(RESULTS.parent) not in sys.path:  # benchmarks import their siblings, as when they run as scripts
+        sys.path.insert(0, str(RESULTS.parent))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -40,7 +42,8 @@ def _benchmark(name: str):
 def table_makers() -> dict:
     """The functions a block may name: records → markdown."""
     grid_summary = _benchmark("grid_summary")
-    makers = {"markdown_table": markdown_table, "single_pass_saved_table": _benchmark("single_pass_saved").report}
+    makers = {"markdown_table": markdown_table, "single_pass_saved_table": _benchmark("single_pass_saved").report,
+              "single_pass_choice_table": _benchmark("single_pass_choice").report}
     for name in ("headline_table", "calibration_table", "gain_table", "single_pass_table", "regularizer_table",
                  "placement_table", "targets_table"):
         makers[name] = getattr(grid_summary, name)
