@@ -28,7 +28,7 @@ METHODS = ("none", "metaperturb", *REGULARIZERS, "finetune")
 CALIBRATION_BATCHES = 50
 # Augmented training batches, drawn with the run's seed + CHOICE_SEED_OFFSET (not the fit's), on which the single
 # pass's candidates are compared with MC: a classifier fits them less closely than its plain training images, and on
-# saved runs they chose better on two of 11 and never worse (benchmarks/single_pass_choice.py).
+# saved runs they chose better on two of 12 and never worse (benchmarks/single_pass_choice.py).
 CHOICE_BATCHES = 20
 CHOICE_SEED_OFFSET = 1000
 
