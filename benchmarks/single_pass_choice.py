@@ -24,7 +24,12 @@ import statistics
 from pathlib import Path
 
 import torch
-from single_pass_saved import ROOT, add_run_arguments, load_saved_run  # this folder is on sys.path as a script
+from single_pass_saved import (  # this folder is on sys.path as a script
+    ROOT,
+    add_run_arguments,
+    load_saved_run,
+    parse_run_arguments,
+)
 
 from metaperturb_hf.data import BatchSampler
 from metaperturb_hf.evaluation import evaluate, normalized_batches
@@ -40,15 +45,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "single_pass_choice.jsonl"))
-    args = parser.parse_args(argv)
-    if args.report:
-        if not Path(args.report).is_file():
-            parser.error(f"--report {args.report}: no such records file")
-        print(report([json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]))
+    args = parse_run_arguments(parser, argv, report)
+    if args is None:
         return
-    if args.model is None or args.dataset is None or args.seed is None:
-        parser.error("--model, --dataset and --seed name the run to evaluate (or --report RECORDS)")
-
     model, train, test = load_saved_run(args)
     record = {"run": args.label or Path(args.model).stem, **measure(model, train, test, args.seed, args.batch_size)}
     print(json.dumps(record))

@@ -35,15 +35,9 @@ def main(argv=None):
     add_run_arguments(parser)
     parser.add_argument("--mc-draw-seeds", type=int, default=3, help="MC-10 evaluated this many times, averaged")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "single_pass_saved.jsonl"))
-    args = parser.parse_args(argv)
-    if args.report:
-        if not Path(args.report).is_file():
-            parser.error(f"--report {args.report}: no such records file (run_single_pass_saved.sh writes it)")
-        print(report([json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]))
+    args = parse_run_arguments(parser, argv, report)
+    if args is None:
         return
-    if args.model is None or args.dataset is None or args.seed is None:
-        parser.error("--model, --dataset and --seed name the run to evaluate (or --report RECORDS)")
-
     model, train, test = load_saved_run(args)
 
     draws = []
@@ -80,6 +74,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--label", help="the run's name in the record (default: the model file's name)")
     parser.add_argument("--report", metavar="RECORDS", help="print the records of this file as a table, and stop")
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, argv, report) -> argparse.Namespace | None:
+    """The arguments; None once `--report RECORDS` has printed `report` of those records."""
+    args = parser.parse_args(argv)
+    if args.report:
+        if not Path(args.report).is_file():
+            parser.error(f"--report {args.report}: no such records file (the run_*.sh beside this script writes it)")
+        print(report([json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]))
+        return None
+    if args.model is None or args.dataset is None or args.seed is None:
+        parser.error("--model, --dataset and --seed name the run to evaluate (or --report RECORDS)")
+    return args
 
 
 def load_saved_run(args: argparse.Namespace):
