@@ -33,10 +33,15 @@ from single_pass_saved import (  # this folder is on sys.path as a script
 
 from metaperturb_hf.data import BatchSampler
 from metaperturb_hf.evaluation import evaluate, normalized_batches
-from metaperturb_hf.injection import SINGLE_PASS_BLEND_WEIGHTS
-from metaperturb_hf.methods import CALIBRATION_BATCHES, CHOICE_BATCHES, CHOICE_SEED_OFFSET
+from metaperturb_hf.methods import (
+    CALIBRATION_BATCHES,
+    CHOICE_BATCHES,
+    CHOICE_SEED_OFFSET,
+    choice_batches,
+    evaluate_candidates,
+    make_single_pass_candidates,
+)
 from metaperturb_hf.modeling_metaperturb import NonFiniteFeaturesError
-from metaperturb_hf.single_pass_fitting import FIT_STEPS
 
 AGREEMENT_SIGNALS = ("train", "train_augmented", "test_inputs")
 
@@ -58,28 +63,16 @@ def main(argv=None):
 def measure(model, train, test, seed: int, batch_size: int) -> dict:
     """Every candidate's test accuracy, MC-10's, and each signal's agreements, cross-entropies and choice."""
     model.set_noise_mode("mean")
-    model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
-    augmented = BatchSampler(train, seed=seed)  # the fit's batches, as evaluate_single_pass draws them
-    fit_batches = (augmented.next_batch(batch_size)[0] for _ in range(FIT_STEPS))
-    candidates = model.single_pass_candidates(normalized_batches(train, batch_size), 10, CALIBRATION_BATCHES,
-                                              SINGLE_PASS_BLEND_WEIGHTS, True, fit_batches)
+    candidates, _ = make_single_pass_candidates(model, train, batch_size, 10, seed)
     calibrated = model.single_pass_statistics
-    accuracy = {}
-    for key, candidate in candidates.items():
-        model.single_pass_statistics = candidate
-        try:
-            accuracy[str(key)] = evaluate(model, test)["accuracy"]
-        except NonFiniteFeaturesError:  # these statistics break the single pass on the test images
-            accuracy[str(key)] = None
-    model.single_pass_statistics = calibrated
+    accuracy = {str(key): record["accuracy"] for key, record in evaluate_candidates(model, candidates, test).items()}
     torch.manual_seed(0)
     model.set_noise_mode("sample")
     mc10 = evaluate(model, test, num_samples=10)["accuracy"]
     model.set_noise_mode("mean")
 
-    held_out = BatchSampler(train, seed=seed + CHOICE_SEED_OFFSET)
     signal_batches = {"train": list(normalized_batches(train, batch_size))[:CALIBRATION_BATCHES],
-                      "train_augmented": [held_out.next_batch(batch_size) for _ in range(CHOICE_BATCHES)],
+                      "train_augmented": choice_batches(train, batch_size, seed),
                       "test_inputs": list(normalized_batches(test, batch_size))[:CHOICE_BATCHES]}
     signals = {}
     for name, batches in signal_batches.items():

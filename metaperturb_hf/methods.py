@@ -103,29 +103,10 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
     model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
     noise_off = evaluate(model, test)["accuracy"]
     model.set_noise_coeff(kappa)
-    try:
-        used = model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
-        weights, match_moments = SINGLE_PASS_BLEND_WEIGHTS, True
-        augmented = BatchSampler(train, seed=seed)
-        fit_batches = (augmented.next_batch(batch_size)[0] for _ in range(FIT_STEPS))
-    except NonFiniteFeaturesError as error:  # no calibrated, matched or fitted statistics; those from training remain
-        logger.warning("The single pass keeps the statistics from training, its calibration overflowed: %s", error)
-        used, weights, match_moments, fit_batches = 0, (0.0,), False, None
-    calibrated, draws = model.single_pass_statistics, max(2, mc_samples)
-    candidates = model.single_pass_candidates(normalized_batches(train, batch_size), draws, CALIBRATION_BATCHES,
-                                              weights, match_moments, fit_batches)
-    by_candidate = {}
-    for key, statistics in candidates.items():
-        model.single_pass_statistics = statistics
-        try:
-            by_candidate[key] = evaluate(model, test)
-        except NonFiniteFeaturesError:
-            # these statistics break the single pass; choose_single_pass_statistics skips them
-            by_candidate[key] = {"accuracy": None}
-        model.single_pass_statistics = calibrated
-    held_out = BatchSampler(train, seed=seed + CHOICE_SEED_OFFSET)
-    choice = model.choose_single_pass_statistics([held_out.next_batch(batch_size) for _ in range(CHOICE_BATCHES)],
-                                                 draws, candidates=candidates)
+    candidates, used = make_single_pass_candidates(model, train, batch_size, mc_samples, seed)
+    by_candidate = evaluate_candidates(model, candidates, test)
+    choice = model.choose_single_pass_statistics(choice_batches(train, batch_size, seed), max(2, mc_samples),
+                                                 candidates=candidates)
     accuracy = {key: record["accuracy"] for key, record in by_candidate.items()}
     return {**by_candidate[choice["weight"]], "single_pass_weight": choice["weight"],
             "agreement_by_weight": {str(key): value for key, value in choice["agreements"].items()},
@@ -135,6 +116,45 @@ def evaluate_single_pass(model: PerturbedModel, train: ImageTensors, test: Image
             "matched_accuracy": accuracy.get(MATCHED), "fitted_accuracy": accuracy.get(FITTED),
             "noise_off_calibrated_accuracy": noise_off,
             "calibration_batches": used}
+
+
+def make_single_pass_candidates(model: PerturbedModel, train: ImageTensors, batch_size: int, mc_samples: int = 10,
+                                seed: int = 0) -> tuple[dict, int]:
+    """Calibrate the single pass at the model's κ and make the candidates `evaluate_single_pass` chooses among:
+    (candidates, calibration batches used). Where the calibration overflows, the statistics from training are the
+    only candidate and 0 batches were used."""
+    try:
+        used = model.calibrate_single_pass(normalized_batches(train, batch_size), CALIBRATION_BATCHES)
+        weights, match_moments = SINGLE_PASS_BLEND_WEIGHTS, True
+        augmented = BatchSampler(train, seed=seed)
+        fit_batches = (augmented.next_batch(batch_size)[0] for _ in range(FIT_STEPS))
+    except NonFiniteFeaturesError as error:  # no calibrated, matched or fitted statistics; those from training remain
+        logger.warning("The single pass keeps the statistics from training, its calibration overflowed: %s", error)
+        used, weights, match_moments, fit_batches = 0, (0.0,), False, None
+    candidates = model.single_pass_candidates(normalized_batches(train, batch_size), max(2, mc_samples),
+                                              CALIBRATION_BATCHES, weights, match_moments, fit_batches)
+    return candidates, used
+
+
+def evaluate_candidates(model: PerturbedModel, candidates: dict, test: ImageTensors) -> dict:
+    """`evaluate` of the single pass with each candidate statistics ({"accuracy": None} where they break it); the
+    model's own single-pass statistics are left as they were."""
+    calibrated, records = model.single_pass_statistics, {}
+    for key, statistics in candidates.items():
+        model.single_pass_statistics = statistics
+        try:
+            records[key] = evaluate(model, test)
+        except NonFiniteFeaturesError:
+            # these statistics break the single pass; choose_single_pass_statistics skips them
+            records[key] = {"accuracy": None}
+        model.single_pass_statistics = calibrated
+    return records
+
+
+def choice_batches(train: ImageTensors, batch_size: int, seed: int = 0) -> list:
+    """The augmented training batches on which `evaluate_single_pass` compares its candidates with MC."""
+    held_out = BatchSampler(train, seed=seed + CHOICE_SEED_OFFSET)
+    return [held_out.next_batch(batch_size) for _ in range(CHOICE_BATCHES)]
 
 
 def run_transfer(

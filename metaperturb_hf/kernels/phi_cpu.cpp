@@ -135,8 +135,8 @@ inline double rule_softplus(const Quadrature& Q, double mu, double& slope) {
 }
 
 // float32's expected noise: the rule's value and slope (in double) at steps of 1/16 on [−32, 16], one cubic per step
-// through both ends' values and slopes. Against the rule itself it is off by at most 2.5e-9 in the value and 1.2e-7 in
-// the slope (float32 rounds to 6e-8), for a fifth of the rule's operations. Below −32 the value is under 1e-13 (the
+// through both ends' values and slopes (a cubic Hermite piece errs by h⁴/384 · max|g⁗|, far below float32's rounding
+// at h = 1/16), one table read instead of eight log1p per element. Below −32 the value is under 1e-13 (the
 // table's first entry stands for it); from 16 up it is μ to float precision, the slope 1.
 constexpr int kTableStepsPerUnit = 16;
 constexpr float kTableLow = -32.0f, kTableHigh = 16.0f;
