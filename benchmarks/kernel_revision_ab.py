@@ -111,19 +111,20 @@ def compare(arch: str, base, current, repeats: int) -> list[dict]:
         return run
 
     records = []
-    for measure, timed in (("mean", forward), ("sample", forward), ("train", train_step)):
+    for measure, runner in (("mean", forward), ("sample", forward), ("train", train_step)):
         training = measure == "train"
         plain.train(training)
         perturbed.train(training)
         perturbed.set_noise_mode("mean" if measure == "mean" else "sample")
-        run = timed(perturbed)
-        plain_s, base_s, current_s = interleaved([timed(plain), on(base, run), on(current, run)],
+        run = runner(perturbed)
+        plain_s, base_s, current_s = interleaved([runner(plain), on(base, run), on(current, run)],
                                                  torch.device("cpu"), repeats)
         loading.states["cpu"]["module"] = current
         records.append({"arch": arch, "mode": measure, "plain_s": plain_s, "base_s": base_s, "current_s": current_s,
                         "base_ratio": base_s / plain_s, "current_ratio": current_s / plain_s,
                         "current_vs_base": current_s / base_s})
     return records
+
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,7 @@ from metaperturb_hf import MetaPerturbModel, add_perturbation, load_perturbation
 from metaperturb_hf.architectures import create_model
 from metaperturb_hf.data import BatchSampler, ImageTensors, normalize
 from metaperturb_hf.hub import source_name, variant_source
-from metaperturb_hf.methods import CHOICE_BATCHES, CHOICE_SEED_OFFSET
+from metaperturb_hf.methods import choice_batches
 from metaperturb_hf.transfer import learning_rate_factor, noise_coeff_at
 
 DEFAULT_PERTURBATION = Path(__file__).resolve().parents[1] / "hub_cards" / "metaperturb-tin-full-resnet20-gated"
@@ -85,11 +85,10 @@ def train_and_test(train: ImageTensors, test: ImageTensors, phi: MetaPerturbMode
         results = {"metaperturb": accuracy(lambda x: model.predict_proba(x, num_samples=args.mc_samples), test)}
         # One deterministic pass instead of MC, with BatchNorm statistics of its own: blends of those re-estimated on
         # training images with those from training, or those matched to the noise-averaged features, whichever single
-        # pass agrees most with MC on augmented training batches the network never saw (on the plain images, which
-        # it has memorised, every good candidate agrees with MC).
+        # pass agrees most with MC on augmented training batches drawn apart from training's, as the transfer path
+        # chooses (on the plain images, which the network has memorised, every good candidate agrees with MC).
         model.calibrate_single_pass(normalize(chunk) for chunk in train.images.split(args.batch_size))
-        unseen = BatchSampler(train, seed=seed + CHOICE_SEED_OFFSET)
-        model.choose_single_pass_statistics(unseen.next_batch(args.batch_size)[0] for _ in range(CHOICE_BATCHES))
+        model.choose_single_pass_statistics(choice_batches(train, args.batch_size, seed))
         model.set_noise_mode("mean")
         results["metaperturb_single_pass"] = accuracy(model, test)
     if save_to is not None:
